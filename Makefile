@@ -1,0 +1,37 @@
+# `make run` and `make test` do all the set-up on a fresh machine: they create .venv when it is
+# missing and (re)install when requirements.txt or pyproject.toml changed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: run test test-all test-slow install tuxpaint clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu and not ddp" $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "(slow or ddp) and not gpu" $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+# Optional extra real data: ~950 TuxPaint stamps with captions (Debian package, GPL-2).
+tuxpaint:
+	apt-get install -y tuxpaint-stamps-default || (apt-get update && apt-get install -y tuxpaint-stamps-default)
+
+clean:
+	rm -rf logs outputs multirun .pytest_cache

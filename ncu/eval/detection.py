@@ -1,0 +1,121 @@
+"""Noisy-correspondence detection metrics against the ground-truth noise mask.
+
+Score convention: a LOWER score means "more likely noisy" (e.g. the InfoNCE probability of a pair's own
+caption, or its cosine similarity). Ranking metrics therefore rank pairs by decreasing noisiness, which is
+taken as ``sigmoid(-score)`` in float64: a strictly decreasing map into [0, 1], so torchmetrics uses it
+as is. It is exact for scores of moderate magnitude (|score| below ~35, beyond which float64 saturates).
+
+Undefined cases: AUROC is ``nan`` when the labels hold a single class; AUPRC is ``nan`` when there is no
+noisy pair (recall has no denominator); with only noisy pairs AUPRC is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+)
+
+
+def _noisiness(scores: Tensor) -> Tensor:
+    """Strictly decreasing map of the scores into [0, 1]: higher means more likely noisy."""
+    return torch.sigmoid(-scores.detach().double().flatten())
+
+
+def _check(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None) -> None:
+    if scores.numel() != is_noisy.numel():
+        raise ValueError(f"scores has {scores.numel()} entries but is_noisy has {is_noisy.numel()}")
+    if flagged is not None and flagged.numel() != is_noisy.numel():
+        raise ValueError(f"flagged has {flagged.numel()} entries but is_noisy has {is_noisy.numel()}")
+
+
+def detection_metrics(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None = None) -> dict[str, float]:
+    """AUROC/AUPRC of the scores (lower = noisier) and, when ``flagged`` is given, precision/recall/F1.
+
+    Args:
+        scores: (N,) per-pair score, lower meaning more likely noisy.
+        is_noisy: (N,) bool ground truth (True = mismatched pair).
+        flagged: optional (N,) bool mask of the pairs a method flagged as noisy.
+
+    Returns:
+        ``auroc`` and ``auprc``; plus ``precision``, ``recall`` and ``f1`` of the flags (noisy = positive,
+        0 where a denominator is zero) when ``flagged`` is given. Values are floats in [0, 1].
+    """
+    _check(scores, is_noisy, flagged)
+    target = is_noisy.detach().flatten().long()
+    preds = _noisiness(scores).to(target.device)
+    num_pos = int(target.sum())
+    out: dict[str, float] = {}
+    both_classes = 0 < num_pos < target.numel()
+    out["auroc"] = float(binary_auroc(preds, target)) if both_classes else float("nan")
+    out["auprc"] = float(binary_average_precision(preds, target)) if num_pos > 0 else float("nan")
+    if flagged is not None:
+        flags = flagged.detach().flatten().long().to(target.device)
+        out["precision"] = float(binary_precision(flags, target))
+        out["recall"] = float(binary_recall(flags, target))
+        out["f1"] = float(binary_f1_score(flags, target))
+    return out
+
+
+class NCDetectionMeter(torch.nn.Module):
+    """Epoch accumulator of :func:`detection_metrics`, built on torchmetrics so it syncs under DDP.
+
+    ``update(scores, is_noisy, flagged)`` per batch, ``compute()`` at epoch end, then ``reset()``.
+    With ``with_flags=False`` only ``auroc``/``auprc`` are tracked and ``flagged`` is ignored.
+    """
+
+    def __init__(self, with_flags: bool = True) -> None:
+        super().__init__()
+        self.with_flags = with_flags
+        self.ranking = MetricCollection({"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision()})
+        self.flags = MetricCollection(
+            {"precision": BinaryPrecision(), "recall": BinaryRecall(), "f1": BinaryF1Score()}
+        )
+        # Class counts decide whether AUROC/AUPRC are defined.
+        self.num_pos = SumMetric()
+        self.num_total = SumMetric()
+
+    def update(self, scores: Tensor, is_noisy: Tensor, flagged: Tensor | None = None) -> None:
+        _check(scores, is_noisy, flagged)
+        if self.with_flags and flagged is None:
+            raise ValueError("flagged is required when with_flags=True")
+        device = self.num_total.device
+        target = is_noisy.detach().flatten().long().to(device)
+        self.ranking.update(_noisiness(scores).to(device), target)
+        if self.with_flags:
+            self.flags.update(flagged.detach().flatten().long().to(device), target)
+        self.num_pos.update(target.sum().double())
+        self.num_total.update(torch.tensor(float(target.numel()), dtype=torch.float64, device=device))
+
+    def compute(self) -> dict[str, float]:
+        num_pos = int(self.num_pos.compute())
+        num_total = int(self.num_total.compute())
+        if num_total == 0:
+            raise RuntimeError("NCDetectionMeter.compute() called before any update()")
+        out: dict[str, float] = {}
+        both_classes = 0 < num_pos < num_total
+        out["auroc"] = float(self.ranking["auroc"].compute()) if both_classes else float("nan")
+        out["auprc"] = float(self.ranking["auprc"].compute()) if num_pos > 0 else float("nan")
+        if self.with_flags:
+            out |= {name: float(value) for name, value in self.flags.compute().items()}
+        return out
+
+    def reset(self) -> None:
+        self.ranking.reset()
+        self.flags.reset()
+        self.num_pos.reset()
+        self.num_total.reset()
