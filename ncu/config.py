@@ -1,0 +1,74 @@
+"""Config checks that fail at start with one clear message, before any data or model is built."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ncu.data.noise import PROTOCOLS
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and the problem."""
+
+
+def _stage_list(cfg: DictConfig) -> list[tuple[str, dict]]:
+    defaults = OmegaConf.to_container(cfg.optim.stage_defaults, resolve=True)
+    plan = []
+    enabled = cfg.pretrain.enabled
+    if enabled is True or (enabled == "auto" and cfg.model.pretrained is None):
+        plan.append(("pretrain", {**defaults, **OmegaConf.to_container(cfg.pretrain.stage, resolve=True)}))
+    for name, stage in (cfg.method.get("stages") or {}).items():
+        if stage is not None:  # method.stages.<name>=null drops a stage
+            plan.append((name, {**defaults, **OmegaConf.to_container(stage, resolve=True)}))
+    cap = cfg.get("epochs_cap")
+    for _, stage in plan:
+        if cap is not None:
+            stage["epochs"] = min(stage["epochs"], cap)
+    return plan
+
+
+def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
+    """The run's ordered stages ``[(name, settings)]``: pre-training (when enabled) then the method's."""
+    return _stage_list(cfg)
+
+
+def validate(cfg: DictConfig) -> None:
+    from ncu.lit_module import OBJECTIVES
+    from ncu.models.factory import check_model_name
+
+    rate = cfg.noise.rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
+        raise ConfigError(f"noise.rate={rate!r} is invalid: it must be a number in [0, 1)")
+    if cfg.noise.protocol not in PROTOCOLS:
+        raise ConfigError(f"noise.protocol={cfg.noise.protocol!r} is unknown; choose from {', '.join(PROTOCOLS)}")
+    try:
+        check_model_name(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    pretrained = cfg.model.pretrained
+    if pretrained is not None and ("/" in str(pretrained) or Path(str(pretrained)).suffix):
+        if not Path(str(pretrained)).exists():
+            raise ConfigError(f"model.pretrained={pretrained!r}: file not found")
+    for key in ("tuxpaint_dir", "path"):
+        value = cfg.data.get(key)
+        if key == "path" and value is not None and not Path(value).exists():
+            raise ConfigError(f"data.path={value!r}: file not found")
+    if cfg.data.batch_size < 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is invalid: contrastive training needs >= 2")
+    ratio = cfg.method.get("nc_ratio", 0.0)
+    if not 0 <= ratio < 1:
+        raise ConfigError(f"method.nc_ratio={ratio!r} is invalid: it must be in [0, 1)")
+    gamma = cfg.method.get("gamma")
+    if gamma is not None and not 0 <= gamma <= 1:
+        raise ConfigError(f"method.gamma={gamma!r} is invalid: it must be in [0, 1]")
+    plan = plan_stages(cfg)
+    if not plan:
+        raise ConfigError("the run has no stage: method.stages is empty and pre-training is off")
+    for name, stage in plan:
+        if stage["objective"] not in OBJECTIVES:
+            raise ConfigError(f"stage {name!r}: objective {stage['objective']!r} is unknown; choose from {OBJECTIVES}")
+        if not isinstance(stage["epochs"], int) or stage["epochs"] < 1:
+            raise ConfigError(f"stage {name!r}: epochs={stage['epochs']!r} must be a positive integer")
+        if stage["lr"] <= 0:
+            raise ConfigError(f"stage {name!r}: lr={stage['lr']!r} must be positive")

@@ -1,0 +1,426 @@
+"""Offline results table of a Hydra sweep: ``python -m ncu.report <multirun dir>``.
+
+A job is any directory holding ``.hydra/overrides.yaml``, searched recursively (nested sweeps work).
+Jobs with a ``metrics.json`` are read; the others (failed or still running) are counted and listed as
+missing. The swept keys are the override keys whose values differ across the read jobs, minus ``hydra.*``,
+the ``--ignore`` patterns and the seed key (the replicate axis). Jobs are grouped by the swept keys and
+every metric is summarised per group as mean and sample standard deviation (ddof=1) over the group's runs.
+
+Written into the sweep dir (or ``--out``):
+  - ``results.csv``: group keys, ``n`` (runs in the group), ``<metric>_mean``, ``<metric>_std``.
+    With n = 1 the std is undefined and left empty (NaN).
+  - ``results.md``: the same as a Markdown table of ``mean ± std`` cells (2 decimals; the mean alone when
+    n = 1, ``n/a`` when the metric is absent), also printed to stdout.
+  - ``plot_<metric>_vs_<key>.png``: when exactly one group key is numeric, the metric against it, one line
+    per combination of the categorical keys, error bars = std. Otherwise ``plot_<metric>.png``, a bar chart
+    with one bar per group. Drawn with matplotlib's Agg renderer, without touching pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+HEADLINE_METRICS = (
+    "test/rsum",
+    "test/zeroshot_top1",
+    "test/i2t_R@1",
+    "test/t2i_R@1",
+    "pretrain/rsum",
+    "pretrain/zeroshot_top1",
+    "train/nc_auroc",
+)
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+METRICS = "metrics.json"
+
+
+class ReportError(Exception):
+    """A problem with the input that the CLI reports as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _natural_key(text: str) -> list[Any]:
+    """Sort key that orders ``2_x`` before ``10_x`` (Hydra job numbers are not zero-padded)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def find_jobs(sweep_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """Job dirs under ``sweep_dir`` as (with metrics.json, without), each in natural path order."""
+    root = Path(sweep_dir)
+    if not root.exists():
+        raise ReportError(f"sweep dir not found: {root}")
+    if not root.is_dir():
+        raise ReportError(f"not a directory: {root}")
+    done: list[Path] = []
+    missing: list[Path] = []
+    for current, dirs, _files in os.walk(root):
+        dirs[:] = sorted((d for d in dirs if d != ".hydra"), key=_natural_key)
+        job = Path(current)
+        if (job / OVERRIDES).is_file():
+            (done if (job / METRICS).is_file() else missing).append(job)
+    return done, missing
+
+
+def parse_value(text: str) -> Any:
+    """An override value as YAML: ``0.2`` -> float, ``3`` -> int, ``ncu`` -> str.
+
+    Lists, dicts and other non-scalar results stay as the raw string so that they can be grouped on."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return text
+
+
+def parse_overrides(path: str | Path) -> dict[str, Any]:
+    """``{key: value}`` from a Hydra ``overrides.yaml`` (a list of ``key=value`` strings).
+
+    ``+key``/``++key`` count as ``key``; deletions (``~key``) carry no value and are skipped."""
+    try:
+        items = yaml.safe_load(Path(path).read_text()) or []
+    except yaml.YAMLError as err:
+        raise ReportError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(items, list):
+        raise ReportError(f"{path}: expected a YAML list of key=value strings")
+    out: dict[str, Any] = {}
+    for item in items:
+        text = str(item)
+        if text.startswith("~") or "=" not in text:
+            continue
+        key, value = text.split("=", 1)
+        out[key.lstrip("+")] = parse_value(value)
+    return out
+
+
+def read_metrics(path: str | Path) -> dict[str, float]:
+    """The numeric entries of a flat ``metrics.json``; anything else (strings, nested dicts) is dropped."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return {
+        str(k): float(v)
+        for k, v in data.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def collect(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per finished job: override columns, metric columns and ``job_dir``.
+
+    Jobs without a readable metrics.json are not rows; their dirs are in ``df.attrs["missing"]``. The column roles are
+    in ``df.attrs["override_keys"]`` and ``df.attrs["metric_keys"]`` (each in order of first appearance).
+    Raises ReportError when the dir does not exist or holds no finished job."""
+    root = Path(sweep_dir)
+    done, missing = find_jobs(root)
+    if not done and not missing:
+        raise ReportError(
+            f"no runs found under {root} (expected <job>/{METRICS} with <job>/{OVERRIDES.as_posix()})"
+        )
+    if not done:
+        listed = ", ".join(str(p) for p in missing)
+        raise ReportError(f"no finished runs under {root}: {len(missing)} job(s) without {METRICS}: {listed}")
+    rows: list[dict[str, Any]] = []
+    override_keys: dict[str, None] = {}
+    metric_keys: dict[str, None] = {}
+    unreadable: list[Path] = []
+    for job in done:
+        try:
+            metrics = read_metrics(job / METRICS)
+        except (ValueError, ReportError):
+            unreadable.append(job)  # a metrics.json being written or truncated: same as not there yet
+            continue
+        overrides = parse_overrides(job / OVERRIDES)
+        override_keys.update(dict.fromkeys(overrides))
+        metric_keys.update(dict.fromkeys(metrics))
+        rows.append({**overrides, **metrics, "job_dir": str(job)})
+    missing = sorted([*missing, *unreadable], key=lambda p: _natural_key(str(p)))
+    if not rows:
+        raise ReportError(f"no readable {METRICS} under {root}")
+    clash = set(override_keys) & set(metric_keys)
+    if clash:
+        raise ReportError(f"names used both as override and metric: {sorted(clash)}")
+    df = pd.DataFrame(rows)
+    df.attrs["override_keys"] = list(override_keys)
+    df.attrs["metric_keys"] = list(metric_keys)
+    df.attrs["missing"] = [str(p) for p in missing]
+    return df
+
+
+# ------------------------------------------------------------------------------------------- summarising
+
+
+def _norm(value: Any) -> Any:
+    """Plain Python scalar, with every flavour of missing (None, NaN, pd.NA) as None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_numeric_key(df: pd.DataFrame, key: str) -> bool:
+    """True when every present value of column ``key`` is a number (bools are categories)."""
+    values = [v for v in (_norm(x) for x in df[key].tolist()) if v is not None]
+    return bool(values) and all(_is_number(v) for v in values)
+
+
+def swept_keys(
+    df: pd.DataFrame,
+    override_keys: Iterable[str] | None = None,
+    seed_key: str = "seed",
+    ignore: Iterable[str] = (),
+) -> list[str]:
+    """Override keys whose values differ across rows: categorical ones first, then numeric ones.
+
+    ``hydra.*``, the seed key and keys matching an ``ignore`` glob pattern are never swept keys."""
+    keys = list(override_keys if override_keys is not None else df.attrs.get("override_keys", []))
+    patterns = ["hydra.*", *ignore]
+    out = []
+    for key in keys:
+        if key == seed_key or key not in df.columns or any(fnmatch.fnmatchcase(key, p) for p in patterns):
+            continue
+        if len({_norm(v) for v in df[key].tolist()}) > 1:
+            out.append(key)
+    return [k for k in out if not is_numeric_key(df, k)] + [k for k in out if is_numeric_key(df, k)]
+
+
+def default_metrics(metric_keys: Sequence[str]) -> list[str]:
+    """The headline metrics that are present, or every metric when none of them is."""
+    present = [m for m in HEADLINE_METRICS if m in metric_keys]
+    return present or list(metric_keys)
+
+
+def _sort_value(value: Any, numeric: bool) -> tuple[Any, ...]:
+    """Sort key of a group value: missing values last, numbers numerically, the rest as text."""
+    if value is None:
+        return (1, 0.0 if numeric else "")
+    return (0, float(value) if numeric else str(value))
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of the non-NaN values; NaN when too few are left."""
+    values = values[~np.isnan(values)]
+    mean = float(values.mean()) if values.size else math.nan
+    std = float(values.std(ddof=1)) if values.size >= 2 else math.nan
+    return mean, std
+
+
+def summarise(
+    df: pd.DataFrame, group_keys: Sequence[str], metrics: Sequence[str], seed_key: str = "seed"
+) -> pd.DataFrame:
+    """One row per group of ``group_keys``: the keys, ``n`` (runs in the group) and per metric
+    ``<metric>_mean`` / ``<metric>_std`` (sample std, ddof=1; NaN when n = 1).
+
+    The seed key is the replicate axis and is dropped from ``group_keys``. Rows are sorted by the
+    categorical keys, then by the numeric ones."""
+    keys = [k for k in group_keys if k != seed_key]
+    for name in [*keys, *metrics]:
+        if name not in df.columns:
+            raise ReportError(f"column not found: {name}")
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    columns = {k: [_norm(v) for v in df[k].tolist()] for k in keys}
+    for i in range(len(df)):
+        groups.setdefault(tuple(columns[k][i] for k in keys), []).append(i)
+    numeric = {k: is_numeric_key(df, k) for k in keys}
+    order = [k for k in keys if not numeric[k]] + [k for k in keys if numeric[k]]
+    position = {k: keys.index(k) for k in order}
+    sorted_groups = sorted(
+        groups.items(), key=lambda item: [_sort_value(item[0][position[k]], numeric[k]) for k in order]
+    )
+    values = {m: pd.to_numeric(df[m], errors="coerce").to_numpy(dtype=float) for m in metrics}
+    rows = []
+    for group, index in sorted_groups:
+        row: dict[str, Any] = {k: group[position[k]] for k in order}
+        row["n"] = len(index)
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_std"] = _mean_std(values[m][index])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*order, "n", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def format_value(value: Any) -> str:
+    """A group value for display: ``0.2``, ``3``, ``ncu``, or ``-`` when the job lacks the key."""
+    value = _norm(value)
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def format_cell(mean: float, std: float) -> str:
+    """``mean ± std`` to 2 decimals; the mean alone when std is undefined, ``n/a`` without a mean."""
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(std):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def to_markdown(summary: pd.DataFrame, metrics: Sequence[str], header: str) -> str:
+    """The summary as a Markdown document: header line, table, and what the cells mean."""
+    keys = list(summary.columns[: list(summary.columns).index("n")])  # summarise puts the keys before n
+    names = [*keys, "n", *metrics]
+
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [header, "", line(names), line("---" for _ in names)]
+    for _, row in summary.iterrows():
+        cells = [format_value(row[k]) for k in keys] + [str(int(row["n"]))]
+        cells += [format_cell(float(row[f"{m}_mean"]), float(row[f"{m}_std"])) for m in metrics]
+        lines.append(line(cells))
+    lines += ["", "Cells: mean ± sample std (ddof=1) over the n runs of the row; the mean alone when n = 1."]
+    return "\n".join(lines) + "\n"
+
+
+def sanitise(name: str) -> str:
+    """A metric or key name usable in a file name (``test/rsum`` -> ``test_rsum``)."""
+    return re.sub(r"[^A-Za-z0-9._@=-]+", "_", name)
+
+
+def _label(summary: pd.DataFrame, keys: Sequence[str], i: int) -> str:
+    return ", ".join(f"{k}={format_value(summary[k].iloc[i])}" for k in keys) or "all runs"
+
+
+def plot_metrics(
+    summary: pd.DataFrame, group_keys: Sequence[str], numeric_keys: Sequence[str], metrics: Sequence[str],
+    out_dir: str | Path,
+) -> dict[str, Path]:
+    """One PNG per metric (see the module docstring); metrics without any value are skipped."""
+    from matplotlib.figure import Figure  # Figure draws with the Agg renderer, no pyplot state involved
+
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    x_key = numeric_keys[0] if len(numeric_keys) == 1 else None
+    line_keys = [k for k in group_keys if k != x_key]
+    for m in metrics:
+        mean = summary[f"{m}_mean"].to_numpy(dtype=float)
+        std = np.nan_to_num(summary[f"{m}_std"].to_numpy(dtype=float))
+        if np.isnan(mean).all():
+            continue
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.add_subplot()
+        if x_key is not None:
+            x = pd.to_numeric(summary[x_key], errors="coerce").to_numpy(dtype=float)
+            lines: dict[str, list[int]] = {}
+            for i in range(len(summary)):
+                lines.setdefault(_label(summary, line_keys, i), []).append(i)
+            for label, index in lines.items():
+                index = sorted(index, key=lambda i: x[i])
+                ax.errorbar(x[index], mean[index], yerr=std[index], marker="o", capsize=3, label=label)
+            ax.set_xlabel(x_key)
+            if line_keys:
+                ax.legend(fontsize="small")
+            path = out / f"plot_{sanitise(m)}_vs_{sanitise(x_key)}.png"
+        else:
+            labels = [_label(summary, group_keys, i) for i in range(len(summary))]
+            ax.bar(np.arange(len(summary)), np.nan_to_num(mean), yerr=std, capsize=3)
+            ax.set_xticks(np.arange(len(summary)), labels, rotation=30, ha="right", fontsize="small")
+            path = out / f"plot_{sanitise(m)}.png"
+        ax.set_ylabel(m)
+        ax.set_title(f"{m} (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        written[f"plot:{m}"] = path
+    return written
+
+
+def write_report(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+    *,
+    all_metrics: bool = False,
+    seed_key: str = "seed",
+    ignore: Iterable[str] = (),
+    plots: bool = True,
+) -> dict[str, Path]:
+    """Collect, summarise and write ``results.csv``, ``results.md`` and the plots.
+
+    ``metrics=None`` picks the headline metrics (``all_metrics`` every metric). Missing jobs are listed
+    on stderr. Returns ``{"csv": ..., "md": ..., "plot:<metric>": ...}``."""
+    root = Path(sweep_dir)
+    df = collect(root)
+    missing = df.attrs["missing"]
+    metric_keys = df.attrs["metric_keys"]
+    if missing:
+        listed = "\n".join(f"  {p}" for p in missing)
+        print(f"warning: {len(missing)} job(s) without {METRICS} (failed or still running):\n{listed}",
+              file=sys.stderr)
+    if all_metrics:
+        chosen = list(metric_keys)
+    elif metrics is None:
+        chosen = default_metrics(metric_keys)
+    else:
+        unknown = [m for m in metrics if m not in metric_keys]
+        if unknown:
+            raise ReportError(f"unknown metric(s): {', '.join(unknown)} (available: {', '.join(metric_keys)})")
+        chosen = list(metrics)
+    if not chosen:
+        raise ReportError(f"no metrics in the {METRICS} files under {root}")
+    keys = swept_keys(df, seed_key=seed_key, ignore=ignore)
+    summary = summarise(df, keys, chosen, seed_key=seed_key)
+    out = Path(out_dir) if out_dir is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"csv": out / "results.csv", "md": out / "results.md"}
+    summary.to_csv(written["csv"], index=False)
+    header = f"Sweep `{root}`: {len(df)} job(s) read, {len(missing)} missing."
+    written["md"].write_text(to_markdown(summary, chosen, header))
+    if plots:
+        numeric = [k for k in keys if is_numeric_key(df, k)]
+        written.update(plot_metrics(summary, keys, numeric, chosen, out))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; input problems exit with a one-line ``error: ...`` on stderr and code 1."""
+    parser = argparse.ArgumentParser(prog="python -m ncu.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", help="Hydra multirun dir (searched recursively for jobs)")
+    parser.add_argument("--out", default=None, help="output dir (default: the sweep dir)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--metrics", default=None, help="comma-separated metric names")
+    which.add_argument("--all-metrics", action="store_true", help="report every metric")
+    parser.add_argument("--seed-key", default="seed", help="replicate axis, never a group key")
+    parser.add_argument("--ignore", action="append", default=[],
+                        help="override keys (comma-separated, glob patterns) never used for grouping")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    ignore = [k.strip() for item in args.ignore for k in item.split(",") if k.strip()]
+    try:
+        written = write_report(args.sweep_dir, args.out, metrics, all_metrics=args.all_metrics,
+                               seed_key=args.seed_key, ignore=ignore, plots=not args.no_plots)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(written["md"].read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""train(cfg) and evaluate(cfg): build the objects from a config, run, return (metrics, objects)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ncu.config import plan_stages, validate
+from ncu.data.datamodule import PairDataModule
+from ncu.lit_module import CLIPUnlearner
+from ncu.models import factory
+
+log = logging.getLogger(__name__)
+HEADLINE = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "zeroshot_top1")
+
+
+def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnlearner]:
+    """Model (with its transforms and tokenizer), data module and Lightning module of a run config."""
+    bundle = factory.create(cfg.model.name, cfg.model.pretrained,
+                            aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}, resolve=True))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = PairDataModule(data, OmegaConf.to_container(cfg.noise, resolve=True), batch_size=data["batch_size"],
+                        eval_batch_size=data["eval_batch_size"], num_workers=data["num_workers"],
+                        noise_dir=cfg.paths.noise_dir)
+    dm.attach(bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
+    dm.setup()
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    method["solver"] = OmegaConf.to_container(cfg.solver, resolve=True) if cfg.get("solver") else None
+    module = CLIPUnlearner(bundle.model, bundle.tokenizer, method,
+                           OmegaConf.to_container(cfg.optim, resolve=True),
+                           config=OmegaConf.to_container(cfg, resolve=True))
+    module.classnames = dm.classnames
+    module.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
+    return bundle, dm, module
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        if name == "wandb":
+            loggers.append(instantiate(lcfg, config=OmegaConf.to_container(cfg, resolve=True)))
+        else:
+            loggers.append(instantiate(lcfg))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Path, index: int, name: str,
+                  step_offset: int) -> L.Trainer:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+
+    callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                                  enable_version_counter=False)]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar())
+    trainer = instantiate(cfg.trainer, max_epochs=stage["epochs"], logger=loggers or False, callbacks=callbacks)
+    # Stages are separate fits; continue the logged step so dashboards show one x-axis for the run.
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step_offset
+    return trainer
+
+
+def test_metrics(trainer: L.Trainer, module: CLIPUnlearner, dm: PairDataModule, prefix: str) -> dict[str, float]:
+    module.test_prefix = prefix
+    trainer.test(module, datamodule=dm, verbose=False)
+    return dict(module.last_eval)
+
+
+def print_table(metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="test split: before (pre-trained) vs after (method)")
+    for col in ("metric", "before", "after", "change"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key in HEADLINE:
+        before, after = metrics.get(f"pretrain/{key}"), metrics.get(f"test/{key}")
+        if before is None or after is None:
+            continue
+        table.add_row(key, f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}")
+    Console().print(table)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    validate(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    bundle, dm, module = build(cfg)
+    art = dm.noise_artifact
+    metrics: dict[str, float] = {
+        "noise/realised_rate": art.realised_rate, "noise/num_noisy": float(art.noisy_mask.sum()),
+        "data/train_pairs": float(len(dm.datasets["train"])), "data/skipped": float(dm.skipped),
+    }
+    # The run records which corruption it trained on (the artifact itself stays shared in paths.noise_dir).
+    write_json(run_dir / "noise_meta.json", {**art.meta, "artifact_dir": str(dm.noise_folder)})
+    loggers = build_loggers(cfg)
+    for lg in loggers:
+        lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **{k: v for k, v in metrics.items()}})
+    plan = plan_stages(cfg)
+    trainer, step = None, 0
+    try:
+        for index, (name, stage) in enumerate(plan):
+            module.set_stage(name, stage)
+            trainer = build_trainer(cfg, stage, loggers, run_dir, index, name, step)
+            if index == 0 and name != "pretrain":
+                metrics.update(test_metrics(trainer, module, dm, "pretrain"))  # the model as given
+            log.info("stage %d/%d: %s (%s, %d epochs)", index + 1, len(plan), name, stage["objective"],
+                     stage["epochs"])
+            trainer.fit(module, datamodule=dm)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            trainer.save_checkpoint(run_dir / "checkpoints" / f"stage{index}_{name}.ckpt")
+            if name == "pretrain":
+                metrics.update(test_metrics(trainer, module, dm, "pretrain"))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("train/") and v.numel() == 1})
+        metrics.update(test_metrics(trainer, module, dm, "test"))
+        for lg in loggers:
+            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/"))}, step)
+        write_json(run_dir / "metrics.json", metrics)
+        if cfg.get("print_table", True):
+            print_table(metrics)
+    finally:
+        finish_wandb()
+    return metrics, {"module": module, "datamodule": dm, "trainer": trainer, "run_dir": run_dir}
+
+
+def finish_wandb() -> None:
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.finish()
