@@ -72,3 +72,19 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"stage {name!r}: epochs={stage['epochs']!r} must be a positive integer")
         if stage["lr"] <= 0:
             raise ConfigError(f"stage {name!r}: lr={stage['lr']!r} must be positive")
+
+
+def run_dir_of(ckpt_path: str | None, default: str = "logs/eval") -> str:
+    """The training run dir of ``<run_dir>/checkpoints/<name>.ckpt`` (``default`` for other inputs)."""
+    if not ckpt_path or ckpt_path == "pretrained":
+        return default
+    path = Path(ckpt_path).resolve()
+    return str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ncu_run_dir"):
+        OmegaConf.register_new_resolver("ncu_run_dir", run_dir_of)
+
+
+register_resolvers()

@@ -1,0 +1,186 @@
+"""The LightningModule: one open_clip model, trained through an ordered list of stages.
+
+``set_stage`` (called by ``ncu.run.train`` before each ``trainer.fit``) fixes the stage's objective, which
+parameters train and its optimizer. Each training step: encode, gather the global batch, score pairs
+for noisy correspondence, compute the stage's objective. Validation/test: retrieval and zero-shot.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from ncu import stages
+from ncu.eval.detection import NCDetectionMeter
+from ncu.eval.retrieval import retrieval_metrics
+from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
+from ncu.models.negation import NegationPrompt, build_negated_tokens, negated_text_features
+from ncu.objectives import baselines
+from ncu.objectives import ncu as ncu_obj
+from ncu.text_aug import CaptionPerturber
+
+LOG_SCALE_MAX = math.log(100.0)
+NCU_OBJECTIVES = ("ncu_hn", "ncu_unlearn")
+OBJECTIVES = ("clip", "filter", "grad_ascent") + NCU_OBJECTIVES
+ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
+
+
+class CLIPUnlearner(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, method: dict, optim: dict,
+                 config: dict | None = None):
+        super().__init__()
+        # The full run config travels with every checkpoint (evaluate.py rebuilds the run from it).
+        self.save_hyperparameters({"config": config or {}})
+        self.model, self.tokenizer = model, tokenizer
+        self.method, self.optim = dict(method), dict(optim)
+        neg = self.method.get("negation") or {}
+        self.negation_mode = neg.get("mode", "none")
+        self.prompt = (NegationPrompt.for_model(model, neg.get("n_ctx", 8), neg.get("init_std", 0.02))
+                       if self.negation_mode == "prompt" else None)
+        perturb = neg.get("perturb") or {}
+        seed = (config or {}).get("seed", 0)
+        self.perturber = (CaptionPerturber(ops=perturb.get("ops", ("swap", "delete", "insert")),
+                                           alpha=perturb.get("alpha", 0.1), seed=seed,
+                                           require_wordnet=perturb.get("require_wordnet", True))
+                          if perturb.get("enabled", True) and self.negation_mode != "none" else None)
+        self.template_rng = random.Random(seed)
+        self.solver = instantiate(self.method["solver"]) if self.method.get("solver") else None
+        self.detect = NCDetectionMeter()
+        self.stage_name, self.stage = "none", {}
+        self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
+        self._eval_feats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_eval: dict[str, float] = {}
+        self.classnames: list[str] = []
+        self.eval_labels: dict[str, torch.Tensor] = {}
+
+    # ----- stages -----------------------------------------------------------------------------------
+    def set_stage(self, name: str, stage: dict) -> list[str]:
+        objective = stage["objective"]
+        if objective not in OBJECTIVES:
+            raise ValueError(f"stage {name!r}: unknown objective {objective!r}; choose from {OBJECTIVES}")
+        if objective in NCU_OBJECTIVES and objective == "ncu_hn" and self.negation_mode == "none":
+            raise ValueError(f"stage {name!r}: objective ncu_hn needs method.negation.mode=prompt or template")
+        self.stage_name, self.stage = name, dict(stage)
+        return stages.set_trainable(self, stage.get("train", ["*"]), stage.get("freeze", []))
+
+    def configure_optimizers(self):
+        st, opt = self.stage, self.optim
+        groups = stages.param_groups(self, st.get("groups") or {}, st.get("weight_decay", 0.0),
+                                     opt.get("no_decay", []), st["lr"])
+        optimizer = torch.optim.AdamW(groups, lr=st["lr"], betas=tuple(opt.get("betas", (0.9, 0.98))),
+                                      eps=opt.get("eps", 1e-8))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = stages.make_scheduler(optimizer, total, st.get("warmup", 0), st.get("min_lr_ratio", 0.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- features ---------------------------------------------------------------------------------
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch: all ranks' rows, with gradients flowing back to each rank's own rows."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
+
+    def negated_features(self, captions: list[str]) -> torch.Tensor:
+        neg = self.method["negation"]
+        tokens = build_negated_tokens(self.tokenizer, captions, neg.get("n_ctx", 8), self.perturber,
+                                      self.negation_mode, neg.get("templates"), self.template_rng)
+        return negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    # ----- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        objective = self.stage["objective"]
+        v = self.gather(self.model.encode_image(batch["image"], normalize=True))
+        t = self.gather(self.model.encode_text(batch["text"], normalize=True))
+        noisy = self.gather(batch["noisy"].to(self.device))
+        s = self.logit_scale()
+        m = self.method
+        scores = ncu_obj.nc_scores(v, t, s)
+        flagged = ncu_obj.select_nc(scores, m.get("nc_ratio", 0.1))
+        self.detect.update(scores, noisy, flagged)
+        parts: dict[str, torch.Tensor] = {}
+        if objective == "clip":
+            loss = baselines.clip_loss(v, t, s)
+        elif objective == "filter":
+            loss = baselines.filter_loss(v, t, s, flagged)
+        elif objective == "grad_ascent":
+            ga = m.get("grad_ascent") or {}
+            loss = baselines.grad_ascent_loss(v, t, s, flagged, ga.get("weight", 1.0), ga.get("bound"))
+        else:
+            tn = self.gather(self.negated_features(batch["caption"])) if self.negation_mode != "none" else None
+            if objective == "ncu_hn":
+                w = m["stage1"]
+                loss, parts = ncu_obj.stage1_loss(v, t, tn, s, ~flagged, w["w_cyc"], w["w_band"],
+                                                  w["w_sig_pos"], w["w_sig_neg"], tuple(m["band"]))
+            else:
+                u = m["unlearn"]
+                loss, parts = ncu_obj.stage2_loss(
+                    v, t, tn, s, flagged, m["gamma"], self.solver, use_hn=tn is not None,
+                    normalize_t2v=u["normalize_t2v"], reuse_transpose=u["reuse_transpose"],
+                    w_band=u["w_band"], band=tuple(m["band"]))
+        bs = len(batch["image"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/logit_scale", s.detach(), batch_size=bs)
+        self.log("train/flagged_noisy_frac", noisy[flagged].float().mean() if flagged.any() else 0.0,
+                 batch_size=bs)
+        for k, val in parts.items():
+            self.log(f"train/{k}", val, batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
+        if self.stage.get("clamp_logit_scale", True):
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, LOG_SCALE_MAX)
+
+    def on_train_epoch_end(self) -> None:
+        for k, val in self.detect.compute().items():
+            self.log(f"train/nc_{k}", val)
+        self.detect.reset()
+
+    # ----- evaluation -------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict) -> None:
+        v = self.model.encode_image(batch["image"], normalize=True)
+        t = self.model.encode_text(batch["text"], normalize=True)
+        self._eval_feats.append((v.float(), t.float()))
+
+    def _eval_end(self, split: str, prefix: str) -> None:
+        v = torch.cat([f[0] for f in self._eval_feats])
+        t = torch.cat([f[1] for f in self._eval_feats])
+        self._eval_feats.clear()
+        if self.trainer.world_size > 1:  # evaluation sets are small: score them whole on every rank
+            v, t = self.all_gather(v).flatten(0, 1), self.all_gather(t).flatten(0, 1)
+        metrics = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
+        labels = self.eval_labels.get(split)
+        if labels is not None and len(labels) == len(v) and self.classnames:
+            clf = zero_shot_classifier(self.model, self.tokenizer, self.classnames, ZS_TEMPLATES, self.device)
+            zs = zero_shot_accuracy(v, labels.to(v.device), clf, topk=(1,))
+            metrics["zeroshot_top1"] = zs["top1"]
+        self.last_eval = {f"{prefix}/{k}": float(val) for k, val in metrics.items()}
+        for k, val in self.last_eval.items():
+            self.log(k, val, prog_bar=k.endswith("rsum"), sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_feats.clear()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val", "val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_feats.clear()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test", self.test_prefix)

@@ -1,0 +1,42 @@
+"""Compose the real configs (Hydra compose API) with test-sized overrides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("WANDB_MODE", "offline")
+
+# A CPU-sized run on the real embedded pairs: micro model, a few hundred pairs, short stages.
+FAST = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", "print_table=false"]
+
+
+def compose_cfg(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
+                tmp_path: Path | None = None) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(ROOT)
+        if tmp_path is not None:
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(tmp_path / "data")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, fast: bool = True, config_name: str = "train") -> DictConfig:
+        return compose_cfg((FAST if fast else []) + list(overrides), config_name, tmp_path)
+
+    return _make

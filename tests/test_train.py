@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from conftest import compose_cfg
+from ncu.run import evaluate, train
+
+KEYS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "zeroshot_top1"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    cfg = compose_cfg(["experiment=smoke", "logger=csv", "print_table=false"], tmp_path=tmp)
+    metrics, objects = train(cfg)
+    return cfg, metrics, objects
+
+
+def test_smoke_run_writes_metrics_checkpoints_and_logs(smoke_run):
+    cfg, metrics, objects = smoke_run
+    run_dir = objects["run_dir"]
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == pytest.approx(metrics)
+    for prefix in ("test", "pretrain"):
+        for key in KEYS:
+            assert 0.0 <= on_disk[f"{prefix}/{key}"] <= (600.0 if key == "rsum" else 100.0)
+    assert on_disk["test/rsum"] == pytest.approx(sum(on_disk[f"test/{k}"] for k in KEYS[:6]))
+    assert "train/nc_auroc" in on_disk and 0.35 <= on_disk["noise/realised_rate"] <= 0.4
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "stage0_pretrain.ckpt", "stage1_finetune.ckpt"]
+    csv = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    assert {"train/loss", "val/rsum", "test/rsum", "pretrain/rsum"} <= set(header)
+    steps = [int(row.split(",")[header.index("step")]) for row in csv[1:] if row.split(",")[header.index("step")]]
+    assert max(steps) >= 2 * 5  # the step keeps counting across stages
+    meta = json.loads((run_dir / "noise_meta.json").read_text())
+    assert meta["rate"] == cfg.noise.rate and meta["seed"] == cfg.noise.seed
+
+
+def test_evaluate_reproduces_the_run_test_metrics(smoke_run, tmp_path):
+    _, metrics, objects = smoke_run
+    ckpt = objects["run_dir"] / "checkpoints" / "stage1_finetune.ckpt"
+    cfg = compose_cfg([f"ckpt_path={ckpt}"], config_name="evaluate", tmp_path=tmp_path)
+    evaluated, _ = evaluate(cfg)
+    for key in KEYS:
+        assert evaluated[f"test/{key}"] == pytest.approx(metrics[f"test/{key}"], abs=1e-6)
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_pretrained_checkpoint_starts_another_run_without_pretraining(smoke_run, tmp_path):
+    _, metrics, objects = smoke_run
+    ckpt = objects["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt"
+    cfg = compose_cfg(["experiment=smoke", "logger=none", "print_table=false", f"model.pretrained={ckpt}"],
+                      tmp_path=tmp_path)
+    second, objects2 = train(cfg)
+    assert sorted(p.name for p in (objects2["run_dir"] / "checkpoints").glob("stage*")) == ["stage0_finetune.ckpt"]
+    # "before" is the loaded pre-trained model: the same numbers as the first run's pre-trained model
+    assert second["pretrain/rsum"] == pytest.approx(metrics["pretrain/rsum"], abs=1e-6)
+
+
+def test_same_config_same_numbers_on_cpu(smoke_run, tmp_path):
+    cfg, metrics, _ = smoke_run
+    again = compose_cfg(["experiment=smoke", "logger=none", "print_table=false"], tmp_path=tmp_path)
+    metrics2, _ = train(again)
+    for key in ("test/rsum", "pretrain/rsum", "test/zeroshot_top1", "train/loss"):
+        assert metrics2[key] == pytest.approx(metrics[key], abs=1e-5), key
