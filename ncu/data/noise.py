@@ -5,8 +5,13 @@ Protocols (see the README's "Noise" section):
   themselves. A selected caption may land on its own image, so the realised rate can be below r.
 - ``image`` (I): select floor(r*M) images and permute them; all captions of an image move together.
 - ``random_replace``: each selected caption is paired with an image drawn uniformly from the corpus.
+- ``semantic`` (hard noise): captions are clustered (k-means on TF-IDF vectors); floor(r*N) captions are
+  selected as in ``caption`` and their image ids are shuffled only among selected captions of the same
+  cluster, so a wrong caption describes a similar scene. A cluster holding a single selected caption leaves it
+  on its own image, so the realised rate can be noticeably below r when clusters are small.
 - ``none``: clean.
-``derangement=True`` makes the caption/image shuffles fixed-point free, so exactly floor(r*N) pairs are wrong.
+``derangement=True`` makes the caption/image shuffles fixed-point free, so exactly floor(r*N) pairs are wrong
+(for ``semantic``: every selected caption in a cluster with at least two selected captions).
 """
 from __future__ import annotations
 
@@ -14,12 +19,13 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-PROTOCOLS = ("none", "caption", "image", "random_replace")
+PROTOCOLS = ("none", "caption", "image", "random_replace", "semantic")
 
 
 def check_rate(rate: float) -> float:
@@ -47,11 +53,16 @@ def make_noise(
     seed: int = 0,
     captions_per_image: int = 1,
     derangement: bool = False,
+    *,
+    captions: list[str] | None = None,
+    n_clusters: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Corrupt an image-caption pairing.
 
     Returns ``(perm, noisy_mask)``: ``perm[k]`` is the image index caption k is paired with after
     corruption, ``noisy_mask[k]`` is True where it differs from the original image ``k // captions_per_image``.
+    ``captions`` (the N caption texts) is required by ``semantic``; ``n_clusters`` defaults to
+    max(2, N // 50).
     """
     rate = check_rate(rate)
     if protocol not in PROTOCOLS:
@@ -59,6 +70,12 @@ def make_noise(
     if captions_per_image < 1 or num_captions % captions_per_image:
         raise ValueError(
             f"num_captions={num_captions} is not a multiple of captions_per_image={captions_per_image}"
+        )
+    if protocol == "semantic" and (captions is None or len(captions) != num_captions):
+        got = "none" if captions is None else f"{len(captions)}"
+        raise ValueError(
+            f"noise.protocol 'semantic' needs the caption texts (captions=, one per caption; "
+            f"expected {num_captions}, got {got})"
         )
     t2i = np.arange(num_captions, dtype=np.int64) // captions_per_image
     num_images = num_captions // captions_per_image
@@ -88,7 +105,48 @@ def make_noise(
             shift = rng.integers(1, num_images, size=len(selected))
             draws = (t2i[selected] + shift) % num_images
         perm[selected] = draws
+    elif protocol == "semantic":
+        selected = rng.permutation(num_captions)[: math.floor(rate * num_captions)]
+        labels = caption_clusters(captions, n_clusters, seed)
+        # Group the selected captions by cluster, keeping selection order within a cluster (stable sort).
+        order = np.argsort(labels[selected], kind="stable")
+        grouped = selected[order]
+        bounds = np.flatnonzero(np.diff(labels[grouped])) + 1
+        for members in np.split(grouped, bounds):
+            if len(members) < 2:
+                continue
+            perm[members] = t2i[_shuffle(members, rng, derangement)]
+            if derangement and captions_per_image > 1:
+                _fix_same_image(perm, t2i, members, rng)
     return perm, perm != t2i
+
+
+def caption_clusters(captions: list[str], n_clusters: int | None = None, seed: int = 0) -> np.ndarray:
+    """Cluster id of every caption: k-means (n_init=3, random_state=seed) on TF-IDF vectors.
+
+    Captions without any vocabulary word (empty, punctuation only) all fall in one cluster. Exact k-means
+    costs O(N * k * vocabulary) per iteration: meant for Flickr30K/MSCOCO-sized sets (up to ~10^5 captions);
+    at CC3M/CC12M scale pass a small ``n_clusters`` or cluster a subset.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    n = len(captions)
+    k = max(2, n // 50) if n_clusters is None else int(n_clusters)
+    if k < 1:
+        raise ValueError(f"noise.n_clusters must be >= 1, got {n_clusters!r}")
+    k = min(k, n)
+    if n == 0 or k == 1:
+        return np.zeros(n, dtype=np.int64)
+    try:
+        x = TfidfVectorizer().fit_transform([str(c) for c in captions])
+    except ValueError:  # empty vocabulary: nothing to tell captions apart
+        return np.zeros(n, dtype=np.int64)
+    with warnings.catch_warnings():
+        # Repeated captions can leave fewer distinct points than k; KMeans then returns fewer clusters.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x).astype(np.int64)
 
 
 def _fix_same_image(perm: np.ndarray, t2i: np.ndarray, selected: np.ndarray, rng: np.random.Generator) -> None:
@@ -150,8 +208,10 @@ class NoiseArtifact:
 
 
 def artifact_dir(root: str | os.PathLike, dataset: str, protocol: str, rate: float, seed: int,
-                 derangement: bool = False) -> Path:
+                 derangement: bool = False, n_clusters: int | None = None) -> Path:
     name = f"{protocol}_r{rate:g}_s{seed}" + ("_derange" if derangement else "")
+    if protocol == "semantic" and n_clusters is not None:
+        name += f"_k{n_clusters}"
     return Path(root) / dataset / name
 
 
@@ -164,14 +224,17 @@ def build_or_load(
     protocol: str = "caption",
     seed: int = 0,
     derangement: bool = False,
+    *,
+    n_clusters: int | None = None,
 ) -> tuple[NoiseArtifact, Path, bool]:
     """Reuse the artifact for (dataset, protocol, rate, seed) if present, else create and save it.
 
     Returns ``(artifact, folder, reused)``. A stored artifact whose dataset fingerprint differs is refused.
+    ``semantic`` clusters ``captions`` (required) into ``n_clusters`` (part of the artifact name when given).
     """
     keys = np.asarray([str(k) for k in keys])
     fp = fingerprint(keys)
-    folder = artifact_dir(root, dataset, protocol, check_rate(rate), seed, derangement)
+    folder = artifact_dir(root, dataset, protocol, check_rate(rate), seed, derangement, n_clusters)
     if (folder / "meta.json").exists():
         art = NoiseArtifact.load(folder)
         if art.meta.get("fingerprint") != fp:
@@ -181,7 +244,8 @@ def build_or_load(
                 "delete it or point paths.noise_dir elsewhere"
             )
         return art, folder, True
-    perm, noisy = make_noise(len(keys), rate, protocol, seed, derangement=derangement)
+    perm, noisy = make_noise(len(keys), rate, protocol, seed, derangement=derangement,
+                             captions=captions if protocol == "semantic" else None, n_clusters=n_clusters)
     text_rate = None
     if captions is not None:
         # Web data repeats captions: the caption text of a corrupted pair may be identical to the true one.
@@ -192,6 +256,8 @@ def build_or_load(
         "N": len(keys), "fingerprint": fp, "realised_rate": float(noisy.mean()) if len(keys) else 0.0,
         "realised_text_rate": text_rate, "num_noisy": int(noisy.sum()),
     }
+    if protocol == "semantic":
+        meta["n_clusters"] = n_clusters
     art = NoiseArtifact(keys=keys, perm=perm, noisy_mask=noisy, meta=meta)
     art.save(folder)
     return art, folder, False
