@@ -30,6 +30,21 @@ OBJECTIVES = ("clip", "filter", "grad_ascent") + NCU_OBJECTIVES
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
 
 
+def text_prefix(model: torch.nn.Module) -> str:
+    """Where the text tower's parameters live: ``""`` for open_clip CLIP, ``"text."`` for CustomTextCLIP."""
+    return "" if hasattr(model, "token_embedding") else "text."
+
+
+def text_blocks_to_freeze(model: torch.nn.Module, amount: float | int) -> int:
+    """``amount`` as a block count (int) or a fraction of the text blocks (float < 1, rounded)."""
+    tower = model if hasattr(model, "token_embedding") else model.text
+    n = len(tower.transformer.resblocks)
+    count = round(amount * n) if isinstance(amount, float) and amount < 1 else int(amount)
+    if not 0 <= count <= n:
+        raise ValueError(f"freeze_text_blocks={amount!r}: the text tower has {n} blocks")
+    return count
+
+
 class CLIPUnlearner(L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, method: dict, optim: dict,
                  config: dict | None = None):
@@ -66,7 +81,14 @@ class CLIPUnlearner(L.LightningModule):
         if objective in NCU_OBJECTIVES and objective == "ncu_hn" and self.negation_mode == "none":
             raise ValueError(f"stage {name!r}: objective ncu_hn needs method.negation.mode=prompt or template")
         self.stage_name, self.stage = name, dict(stage)
-        return stages.set_trainable(self, stage.get("train", ["*"]), stage.get("freeze", []))
+        freeze = list(stage.get("freeze", []))
+        if self.prompt is not None and objective != "ncu_hn":
+            freeze.append("prompt.*")  # the negation context is learned in the hardest-negative stage only
+        if stage.get("freeze_token_embedding"):
+            freeze.append(f"model.{text_prefix(self.model)}token_embedding.*")
+        n_blocks = text_blocks_to_freeze(self.model, stage.get("freeze_text_blocks", 0))
+        freeze += [f"model.{text_prefix(self.model)}transformer.resblocks.{i}.*" for i in range(n_blocks)]
+        return stages.set_trainable(self, stage.get("train", ["*"]), freeze, stage.get("unfreeze", []))
 
     def configure_optimizers(self):
         st, opt = self.stage, self.optim

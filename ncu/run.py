@@ -1,9 +1,11 @@
 """train(cfg) and evaluate(cfg): build the objects from a config, run, return (metrics, objects)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +118,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer, step = None, 0
     try:
         for index, (name, stage) in enumerate(plan):
+            # Re-seed per stage: a stage's randomness does not depend on whether earlier ones ran or were loaded.
+            L.seed_everything(cfg.seed + index, workers=True)
             module.set_stage(name, stage)
             trainer = build_trainer(cfg, stage, loggers, run_dir, index, name, step)
             if index == 0 and name != "pretrain":
                 metrics.update(test_metrics(trainer, module, dm, "pretrain"))  # the model as given
-            log.info("stage %d/%d: %s (%s, %d epochs)", index + 1, len(plan), name, stage["objective"],
-                     stage["epochs"])
-            trainer.fit(module, datamodule=dm)
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            trainer.save_checkpoint(run_dir / "checkpoints" / f"stage{index}_{name}.ckpt")
+            ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
+            cache = pretrain_cache_path(cfg, stage) if name == "pretrain" else None
+            if cache is not None and cache.exists():
+                log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(plan), name, cache)
+                factory.load_run_checkpoint(module.model, str(cache))
+                copy_atomic(cache, ckpt)
+            else:
+                log.info("stage %d/%d: %s (%s, %d epochs)", index + 1, len(plan), name, stage["objective"],
+                         stage["epochs"])
+                trainer.fit(module, datamodule=dm)
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                trainer.save_checkpoint(ckpt)
+                if cache is not None:
+                    copy_atomic(ckpt, cache)
             if name == "pretrain":
                 metrics.update(test_metrics(trainer, module, dm, "pretrain"))
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
@@ -138,6 +151,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         finish_wandb()
     return metrics, {"module": module, "datamodule": dm, "trainer": trainer, "run_dir": run_dir}
+
+
+def pretrain_cache_path(cfg: DictConfig, stage: dict) -> Path | None:
+    """Where the pre-trained checkpoint of this (model, data, noise, pre-training recipe, seed) is kept.
+
+    Sweeps over methods share it instead of pre-training again; any change to what pre-training
+    depends on gives another key."""
+    if not cfg.pretrain.get("cache", True):
+        return None
+    spec = {
+        "model": cfg.model, "data": cfg.data, "noise": cfg.noise, "stage": stage, "seed": cfg.seed,
+        "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
+        "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
+                                                  "gradient_clip_val")},
+    }
+    spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    n = cfg.noise
+    name = f"{cfg.model.name}_{cfg.data.name}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
+    return Path(cfg.paths.pretrain_dir) / name
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def finish_wandb() -> None:

@@ -13,16 +13,18 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def set_trainable(module: nn.Module, train: Iterable[str] = ("*",), freeze: Iterable[str] = ()) -> list[str]:
-    """Set ``requires_grad`` on every parameter: trainable iff its name matches a ``train`` pattern and no
-    ``freeze`` pattern (fnmatch on ``named_parameters`` names). Returns the trainable names."""
-    train, freeze = list(train), list(freeze)
-    for pattern in train + freeze:
+def set_trainable(module: nn.Module, train: Iterable[str] = ("*",), freeze: Iterable[str] = (),
+                  unfreeze: Iterable[str] = ()) -> list[str]:
+    """Set ``requires_grad`` on every parameter (fnmatch rules on ``named_parameters`` names): trainable iff
+    it matches a ``train`` pattern and either no ``freeze`` pattern or an ``unfreeze`` pattern (an
+    exception to the freeze rules). Returns the trainable names."""
+    train, freeze, unfreeze = list(train), list(freeze), list(unfreeze)
+    for pattern in train + freeze + unfreeze:
         if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in module.named_parameters()):
             raise ValueError(f"parameter rule {pattern!r} matches no parameter of the model")
     names = []
     for name, p in module.named_parameters():
-        p.requires_grad_(matches(name, train) and not matches(name, freeze))
+        p.requires_grad_(matches(name, train) and (not matches(name, freeze) or matches(name, unfreeze)))
         if p.requires_grad:
             names.append(name)
     return names

@@ -19,7 +19,7 @@ FAST = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", 
 
 
 def compose_cfg(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
-                tmp_path: Path | None = None) -> DictConfig:
+                tmp_path: Path | None = None, data_dir: Path | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
@@ -27,7 +27,7 @@ def compose_cfg(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
         cfg.hydra.runtime.cwd = str(ROOT)
         if tmp_path is not None:
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-            cfg.paths.data_dir = str(tmp_path / "data")
+            cfg.paths.data_dir = str(data_dir or tmp_path / "data")
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra

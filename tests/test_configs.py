@@ -33,7 +33,8 @@ def test_pretrained_weights_skip_pretraining(tmp_path):
 
 
 def test_stage_inherits_defaults_and_epochs_cap(tmp_path):
-    cfg = compose_cfg(["experiment=smoke", "optim.stage_defaults.weight_decay=0.33"], tmp_path=tmp_path)
+    cfg = compose_cfg(["experiment=smoke", "method=clip", "optim.stage_defaults.weight_decay=0.33"],
+                      tmp_path=tmp_path)
     plan = dict(plan_stages(cfg))
     assert all(stage["epochs"] <= 2 for stage in plan.values())
     assert plan["finetune"]["weight_decay"] == 0.33  # not set by the stage: inherited
@@ -48,7 +49,7 @@ def test_stage_inherits_defaults_and_epochs_cap(tmp_path):
     ("model.pretrained=/no/such/file.pt", "model.pretrained"),
     ("noise.protocol=bogus", "noise.protocol"),
     ("data.batch_size=1", "data.batch_size"),
-    ("method.stages.finetune.epochs=0", "epochs"),
+    ("method.stages.unlearn.epochs=0", "epochs"),
 ])
 def test_invalid_values_fail_with_a_message_naming_them(override, needle, tmp_path):
     cfg = compose_cfg([override], tmp_path=tmp_path)

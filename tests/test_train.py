@@ -11,7 +11,7 @@ KEYS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsu
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
-    cfg = compose_cfg(["experiment=smoke", "logger=csv", "print_table=false"], tmp_path=tmp)
+    cfg = compose_cfg(["experiment=smoke", "method=clip", "logger=csv", "print_table=false"], tmp_path=tmp)
     metrics, objects = train(cfg)
     return cfg, metrics, objects
 
@@ -50,7 +50,7 @@ def test_evaluate_reproduces_the_run_test_metrics(smoke_run, tmp_path):
 def test_pretrained_checkpoint_starts_another_run_without_pretraining(smoke_run, tmp_path):
     _, metrics, objects = smoke_run
     ckpt = objects["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt"
-    cfg = compose_cfg(["experiment=smoke", "logger=none", "print_table=false", f"model.pretrained={ckpt}"],
+    cfg = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false", f"model.pretrained={ckpt}"],
                       tmp_path=tmp_path)
     second, objects2 = train(cfg)
     assert sorted(p.name for p in (objects2["run_dir"] / "checkpoints").glob("stage*")) == ["stage0_finetune.ckpt"]
@@ -60,7 +60,25 @@ def test_pretrained_checkpoint_starts_another_run_without_pretraining(smoke_run,
 
 def test_same_config_same_numbers_on_cpu(smoke_run, tmp_path):
     cfg, metrics, _ = smoke_run
-    again = compose_cfg(["experiment=smoke", "logger=none", "print_table=false"], tmp_path=tmp_path)
+    again = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false"], tmp_path=tmp_path)
     metrics2, _ = train(again)
     for key in ("test/rsum", "pretrain/rsum", "test/zeroshot_top1", "train/loss"):
         assert metrics2[key] == pytest.approx(metrics[key], abs=1e-5), key
+
+
+def test_cached_pretraining_is_reused_with_the_same_numbers(smoke_run, tmp_path):
+    cfg, metrics, objects = smoke_run
+    cached = sorted((objects["run_dir"].parent / "data" / "pretrained").glob("*.ckpt"))
+    assert len(cached) == 1
+    again = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false"], tmp_path=tmp_path,
+                        data_dir=objects["run_dir"].parent / "data")
+    metrics2, objects2 = train(again)
+    stage0 = objects2["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt"
+    assert stage0.read_bytes() == cached[0].read_bytes()  # loaded, not trained again
+    for key in ("test/rsum", "pretrain/rsum", "test/zeroshot_top1"):
+        assert metrics2[key] == pytest.approx(metrics[key], abs=1e-5), key
+    # a different pre-training recipe is another cache entry
+    other = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false", "pretrain.stage.lr=0.002",
+                         "trainer.limit_train_batches=1"], tmp_path=tmp_path / "o", data_dir=objects["run_dir"].parent / "data")
+    train(other)
+    assert len(list((objects["run_dir"].parent / "data" / "pretrained").glob("*.ckpt"))) == 2

@@ -18,6 +18,7 @@ def register_configs() -> None:
     """Make the small architectures shipped with ncu (``ncu-micro``, ``ncu-tiny``, ``ncu-small``) known to open_clip."""
     global _registered
     if not _registered:
+        from ncu.models import laclip  # noqa: F401 - registers the qk-norm timm ViTs of the LaCLIP configs
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
