@@ -15,7 +15,7 @@ from ncu.config import ConfigError  # also registers the ncu_run_dir resolver us
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from ncu.run import evaluate
+    from ncu.evaluation import evaluate
 
     try:
         evaluate(cfg)

@@ -50,10 +50,10 @@ def validate(cfg: DictConfig) -> None:
     if pretrained is not None and ("/" in str(pretrained) or Path(str(pretrained)).suffix):
         if not Path(str(pretrained)).exists():
             raise ConfigError(f"model.pretrained={pretrained!r}: file not found")
-    for key in ("tuxpaint_dir", "path"):
-        value = cfg.data.get(key)
-        if key == "path" and value is not None and not Path(value).exists():
-            raise ConfigError(f"data.path={value!r}: file not found")
+    if cfg.data.get("source") == "csv":
+        path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"data.path={path!r}: file not found (data=csv needs a CSV/TSV of pairs)")
     if cfg.data.batch_size < 2:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is invalid: contrastive training needs >= 2")
     ratio = cfg.method.get("nc_ratio", 0.0)
@@ -62,6 +62,18 @@ def validate(cfg: DictConfig) -> None:
     gamma = cfg.method.get("gamma")
     if gamma is not None and not 0 <= gamma <= 1:
         raise ConfigError(f"method.gamma={gamma!r} is invalid: it must be in [0, 1]")
+    negation = cfg.method.get("negation") or {}
+    if negation.get("mode", "none") not in ("none", "prompt", "template"):
+        raise ConfigError(f"method.negation.mode={negation.get('mode')!r} is unknown; choose none, prompt or template")
+    perturb = negation.get("perturb") or {}
+    if negation.get("mode", "none") != "none" and perturb.get("enabled", True):
+        from ncu.text_aug import CaptionPerturber, WordNetUnavailableError
+
+        try:
+            CaptionPerturber(ops=list(perturb.get("ops", [])), alpha=perturb.get("alpha", 0.1),
+                             require_wordnet=perturb.get("require_wordnet", True))
+        except (WordNetUnavailableError, ValueError) as e:
+            raise ConfigError(f"method.negation.perturb: {e}") from None
     plan = plan_stages(cfg)
     if not plan:
         raise ConfigError("the run has no stage: method.stages is empty and pre-training is off")

@@ -103,7 +103,7 @@ class CLIPUnlearner(L.LightningModule):
     # ----- features ---------------------------------------------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The global batch: all ranks' rows, with gradients flowing back to each rank's own rows."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return x
         return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
 
@@ -177,7 +177,7 @@ class CLIPUnlearner(L.LightningModule):
         v = torch.cat([f[0] for f in self._eval_feats])
         t = torch.cat([f[1] for f in self._eval_feats])
         self._eval_feats.clear()
-        if self.trainer.world_size > 1:  # evaluation sets are small: score them whole on every rank
+        if self._trainer is not None and self.trainer.world_size > 1:  # evaluation sets are small: score them whole on every rank
             v, t = self.all_gather(v).flatten(0, 1), self.all_gather(t).flatten(0, 1)
         metrics = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
         labels = self.eval_labels.get(split)

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conftest import compose_cfg
-from ncu.run import evaluate, train
+from ncu.evaluation import evaluate
+from ncu.run import train
 
 KEYS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "zeroshot_top1"]
 

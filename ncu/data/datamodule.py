@@ -1,6 +1,8 @@
 """Image-caption pairs as a LightningDataModule: deterministic split, noisy training split, clean val/test."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +40,17 @@ def load_frame(cfg: dict) -> pd.DataFrame:
     if source == "embedded":
         return embedded_pairs(cfg.get("sources", ("twemoji", "tuxpaint")), cfg.get("skin_tones", True),
                               cfg.get("tuxpaint_dir", "/usr/share/tuxpaint/stamps"))
-    raise ValueError(f"unknown data.source {source!r}")
+    if source == "csv":
+        from ncu.data.sources import read_pairs_csv
+
+        frame, stats = read_pairs_csv(cfg["path"], cfg.get("image_key", "image_path"),
+                                      cfg.get("caption_key", "caption"), cfg.get("sep"),
+                                      cfg.get("category_key"), cfg.get("key_key"))
+        frame.attrs["stats"] = stats
+        if frame["category"].isna().all():
+            frame["category"] = "none"
+        return frame
+    raise ValueError(f"unknown data.source {source!r}; choose embedded or csv")
 
 
 class PairDataset(Dataset):
@@ -106,6 +118,16 @@ class PairDataModule(L.LightningDataModule):
     def name(self) -> str:
         return self.data_cfg.get("name", "embedded")
 
+    # Loader settings do not change which pairs exist; everything else in the data config may.
+    _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "max_side")
+
+    def dataset_id(self, frame: pd.DataFrame) -> str:
+        """Name of the noise-artifact folder: the data name plus a hash of what defines the pairs
+        (e.g. sources, skin tones, limit) and of which sources are present (TuxPaint is optional)."""
+        spec = {k: v for k, v in sorted(self.data_cfg.items()) if k not in self._LOADER_KEYS}
+        spec["present"] = sorted({str(k).split(":")[0] for k in frame["key"]})
+        return f"{self.name}-{hashlib.sha1(json.dumps(spec, default=str).encode()).hexdigest()[:8]}"
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -123,7 +145,7 @@ class PairDataModule(L.LightningDataModule):
                 part = part.iloc[order[:n]].reset_index(drop=True)
             if name == "train":
                 self.noise_artifact, self.noise_folder, reused = noise_lib.build_or_load(
-                    self.noise_dir, self.name + (f"-limit{limit}" if limit else ""), part["key"].tolist(),
+                    self.noise_dir, self.dataset_id(frame), part["key"].tolist(),
                     part["caption"].tolist(), self.noise_cfg.get("rate", 0.0),
                     self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("seed", 0),
                     self.noise_cfg.get("derangement", False))

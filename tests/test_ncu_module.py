@@ -1,0 +1,84 @@
+"""NCU inside the LightningModule: what each stage trains, and an end-to-end smoke run."""
+import pytest
+import torch
+
+from ncu.config import ConfigError, plan_stages, validate
+from ncu.run import build, train
+
+
+@pytest.fixture
+def ncu_parts(make_cfg):
+    cfg = make_cfg("method=ncu", "data.limit=96", "data.batch_size=32")
+    _, dm, module = build(cfg)
+    batch = next(iter(dm.train_dataloader()))
+    return cfg, module, batch, dict(plan_stages(cfg))
+
+
+def _step(module, batch):
+    module.zero_grad(set_to_none=True)
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def test_stage1_trains_the_prompt_and_not_the_image_tower(ncu_parts):
+    _, module, batch, plan = ncu_parts
+    module.set_stage("hn", plan["hn"])
+    grads = _step(module, batch)
+    assert grads["prompt.ctx"] is not None and grads["prompt.ctx"].abs().sum() > 0
+    visual = [n for n in grads if n.startswith("model.visual.") and n != "model.visual.proj"]
+    assert visual and all(grads[n] is None for n in visual)
+    assert all(not dict(module.named_parameters())[n].requires_grad for n in visual)
+    assert grads["model.visual.proj"] is not None  # the image projection trains, as in the official model
+    assert grads["model.text_projection"].abs().sum() > 0
+
+
+def test_stage2_leaves_prompt_positions_and_bottom_text_blocks_unchanged(ncu_parts):
+    _, module, batch, plan = ncu_parts
+    module.set_stage("unlearn", plan["unlearn"])
+    frozen = ("prompt.ctx", "model.positional_embedding", "model.token_embedding.weight",
+              "model.transformer.resblocks.0.")  # micro has 2 text blocks: round(0.4167 * 2) = 1 frozen
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    grads = _step(module, batch)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad.sign()
+    for name, p in module.named_parameters():
+        if name.startswith(frozen):
+            assert not p.requires_grad and grads[name] is None and torch.equal(before[name], p), name
+    assert not torch.equal(before["model.transformer.resblocks.1.mlp.c_fc.weight"],
+                           module.model.transformer.resblocks[1].mlp.c_fc.weight)
+    assert grads["model.visual.conv1.weight"].abs().sum() > 0  # the image tower unlearns
+
+
+def test_logit_scale_clamped_after_a_step_in_stage2(ncu_parts):
+    _, module, batch, plan = ncu_parts
+    module.set_stage("unlearn", plan["unlearn"])
+    with torch.no_grad():
+        module.model.logit_scale.fill_(6.0)
+    module.on_train_batch_end(None, batch, 0)
+    assert module.model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+
+
+def test_synonym_replacement_without_wordnet_is_a_config_error(make_cfg):
+    cfg = make_cfg("method=ncu", "method.negation.perturb.ops=[swap,synonym]")
+    with pytest.raises(ConfigError, match="WordNet"):
+        validate(cfg)
+    validate(make_cfg("method=ncu", "method.negation.perturb.ops=[swap,synonym]",
+                      "method.negation.perturb.require_wordnet=false"))
+
+
+@pytest.mark.parametrize("method", ["ncu", "ncu_no_hn"])
+def test_ncu_smoke_run_logs_detection_and_unlearning_metrics(make_cfg, method):
+    cfg = make_cfg(f"method={method}", "trainer.limit_val_batches=1")
+    metrics, objects = train(cfg)
+    for key in ("train/nc_auroc", "train/nc_precision", "train/nc_recall", "train/nc_f1", "train/kl_v2t",
+                "test/rsum", "pretrain/rsum"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["train/nc_auroc"] <= 1.0
+    names = sorted(p.name for p in (objects["run_dir"] / "checkpoints").glob("stage*"))
+    expected = {"ncu": ["stage0_pretrain.ckpt", "stage1_hn.ckpt", "stage2_unlearn.ckpt"],
+                "ncu_no_hn": ["stage0_pretrain.ckpt", "stage1_unlearn.ckpt"]}[method]
+    assert names == expected
