@@ -54,6 +54,36 @@ def validate(cfg: DictConfig) -> None:
         path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
         if not path or not Path(path).is_file():
             raise ConfigError(f"data.path={path!r}: file not found (data=csv needs a CSV/TSV of pairs)")
+        # Only the header row: a wrong column name fails here, before any image is read.
+        import csv
+
+        import pandas as pd
+
+        from ncu.data.sources import _separator
+
+        sep = _separator(Path(path), cfg.data.get("sep"))
+        try:
+            header = pd.read_csv(path, sep=sep, nrows=0, dtype=str,
+                                 quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+        except pd.errors.EmptyDataError:
+            raise ConfigError(f"data.path={path!r}: the file is empty (a header row is needed)") from None
+        found = [str(c) for c in header.columns]
+        for role in ("image_key", "caption_key", "category_key", "key_key"):
+            column = cfg.data.get(role)
+            if column is not None and column not in found:
+                hint = " (one column only: wrong separator? set data.sep)" if len(found) == 1 else ""
+                raise ConfigError(f"data.path={path!r}: column {column!r} (data.{role}) not found; "
+                                  f"columns found: {found}{hint}")
+    elif cfg.data.get("source") == "wds":
+        from ncu.data.wds import expand_shards
+
+        spec = OmegaConf.select(cfg, "data.shards", throw_on_missing=False)
+        shards = expand_shards(spec) if spec else []
+        missing = [s for s in shards if not Path(s).is_file()]
+        if not shards or missing:
+            raise ConfigError(f"data.shards={spec!r}: {len(missing)} of {len(shards)} shards not found "
+                              f"(e.g. {missing[:3]}); data=wds needs tar shards, "
+                              "e.g. 'data.shards=\"/data/cc3m/{00000..00331}.tar\"'")
     if cfg.data.batch_size < 2:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is invalid: contrastive training needs >= 2")
     ratio = cfg.method.get("nc_ratio", 0.0)

@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -66,7 +67,7 @@ class CLIPUnlearner(L.LightningModule):
         self.template_rng = random.Random(seed)
         self.solver = instantiate(self.method["solver"]) if self.method.get("solver") else None
         self.detect = NCDetectionMeter()
-        self.stage_name, self.stage = "none", {}
+        self.stage_name, self.stage, self.stage_index = "none", {}, None
         self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
         self._eval_feats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_eval: dict[str, float] = {}
@@ -78,7 +79,7 @@ class CLIPUnlearner(L.LightningModule):
         objective = stage["objective"]
         if objective not in OBJECTIVES:
             raise ValueError(f"stage {name!r}: unknown objective {objective!r}; choose from {OBJECTIVES}")
-        if objective in NCU_OBJECTIVES and objective == "ncu_hn" and self.negation_mode == "none":
+        if objective == "ncu_hn" and self.negation_mode == "none":
             raise ValueError(f"stage {name!r}: objective ncu_hn needs method.negation.mode=prompt or template")
         self.stage_name, self.stage = name, dict(stage)
         freeze = list(stage.get("freeze", []))
@@ -99,6 +100,28 @@ class CLIPUnlearner(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = stages.make_scheduler(optimizer, total, st.get("warmup", 0), st.get("min_lr_ratio", 0.0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The stage and every RNG the training loop draws from, so a resumed stage continues exactly.
+        checkpoint["ncu_stage_index"] = self.stage_index
+        checkpoint["ncu_stage_name"] = self.stage_name
+        checkpoint["ncu_rng"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "perturber": self.perturber.rng.getstate() if self.perturber is not None else None,
+            "template": self.template_rng.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("ncu_rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if self.perturber is not None and rng["perturber"] is not None:
+            self.perturber.rng.setstate(rng["perturber"])
+        self.template_rng.setstate(rng["template"])
 
     # ----- features ---------------------------------------------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ncu.config import ConfigError, plan_stages, validate
@@ -48,10 +50,24 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
         if lcfg is None or "_target_" not in lcfg:
             continue
         if name == "wandb":
-            loggers.append(instantiate(lcfg, config=OmegaConf.to_container(cfg, resolve=True)))
+            loggers.append(instantiate(lcfg, config=OmegaConf.to_container(cfg, resolve=True),
+                                       id=wandb_run_id(Path(cfg.paths.output_dir)), resume="allow"))
         else:
             loggers.append(instantiate(lcfg))
     return loggers
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One wandb run per run dir: the id is stored there so ``resume=auto`` continues the same run."""
+    path = run_dir / "wandb_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Path, index: int, name: str,
@@ -64,10 +80,22 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
-    trainer = instantiate(cfg.trainer, max_epochs=stage["epochs"], logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, max_epochs=stage["epochs"], logger=loggers or False, callbacks=callbacks,
+                          plugins=[AtomicCheckpointIO()])
     # Stages are separate fits; continue the logged step so dashboards show one x-axis for the run.
     trainer.fit_loop.epoch_loop._batches_that_stepped = step_offset
     return trainer
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename: a kill during a save never corrupts ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
 
 
 def test_metrics(trainer: L.Trainer, module: CLIPUnlearner, dm: PairDataModule, prefix: str) -> dict[str, float]:
@@ -115,31 +143,49 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **{k: v for k, v in metrics.items()}})
     plan = plan_stages(cfg)
-    trainer, step = None, 0
+    progress = read_progress(run_dir) if cfg.get("resume") == "auto" else {"completed": [], "metrics": {}, "step": 0}
+    metrics.update(progress["metrics"])
+    trainer, step = None, progress["step"]
     try:
         for index, (name, stage) in enumerate(plan):
-            # Re-seed per stage: a stage's randomness does not depend on whether earlier ones ran or were loaded.
-            L.seed_everything(cfg.seed + index, workers=True)
+            ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
+            if index < len(progress["completed"]):
+                if progress["completed"][index] != name:
+                    raise ConfigError(f"resume=auto: {run_dir} ran stage {progress['completed'][index]!r} "
+                                      f"where this config has {name!r}")
+                continue
+            if index and index == len(progress["completed"]) and progress["completed"]:
+                # Resuming after a finished stage: start from its weights (prompt included).
+                previous = run_dir / "checkpoints" / f"stage{index - 1}_{plan[index - 1][0]}.ckpt"
+                module.load_state_dict(torch.load(previous, map_location="cpu", weights_only=False)["state_dict"])
+            L.seed_everything(stage_seed(cfg.seed, name), workers=True)
             module.set_stage(name, stage)
+            module.stage_index = index
             trainer = build_trainer(cfg, stage, loggers, run_dir, index, name, step)
             if index == 0 and name != "pretrain":
                 metrics.update(test_metrics(trainer, module, dm, "pretrain"))  # the model as given
-            ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
             cache = pretrain_cache_path(cfg, stage) if name == "pretrain" else None
             if cache is not None and cache.exists():
                 log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(plan), name, cache)
                 factory.load_run_checkpoint(module.model, str(cache))
                 copy_atomic(cache, ckpt)
             else:
-                log.info("stage %d/%d: %s (%s, %d epochs)", index + 1, len(plan), name, stage["objective"],
-                         stage["epochs"])
-                trainer.fit(module, datamodule=dm)
+                resume_from = mid_stage_checkpoint(run_dir, index) if cfg.get("resume") == "auto" else None
+                log.info("stage %d/%d: %s (%s, %d epochs)%s", index + 1, len(plan), name, stage["objective"],
+                         stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
+                trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
                 step = trainer.fit_loop.epoch_loop._batches_that_stepped
                 trainer.save_checkpoint(ckpt)
                 if cache is not None:
                     copy_atomic(ckpt, cache)
             if name == "pretrain":
                 metrics.update(test_metrics(trainer, module, dm, "pretrain"))
+            progress["completed"].append(name)
+            write_json(run_dir / "progress.json", {**progress, "metrics": metrics, "step": step})
+        if trainer is None:  # everything was already done: evaluate the last stage's weights
+            last = run_dir / "checkpoints" / f"stage{len(plan) - 1}_{plan[-1][0]}.ckpt"
+            module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
+            trainer = build_trainer(cfg, plan[-1][1], [], run_dir, len(plan) - 1, plan[-1][0], step)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("train/") and v.numel() == 1})
         metrics.update(test_metrics(trainer, module, dm, "test"))
@@ -151,6 +197,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         finish_wandb()
     return metrics, {"module": module, "datamodule": dm, "trainer": trainer, "run_dir": run_dir}
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """Each stage re-seeds from the run seed and its name, so its randomness does not depend on whether
+    earlier stages ran here, came from the pre-training cache or from ``model.pretrained``."""
+    return seed + int(hashlib.sha1(stage.encode()).hexdigest()[:6], 16) % 100_000
+
+
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    """Stages a previous attempt of this run finished (``progress.json``), for ``resume=auto``."""
+    path = run_dir / "progress.json"
+    if not path.exists():
+        return {"completed": [], "metrics": {}, "step": 0}
+    return json.loads(path.read_text())
+
+
+def mid_stage_checkpoint(run_dir: Path, index: int) -> str | None:
+    """``last.ckpt`` when it was written during stage ``index`` (an interrupted stage), else None."""
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    return str(last) if ckpt.get("ncu_stage_index") == index else None
 
 
 def pretrain_cache_path(cfg: DictConfig, stage: dict) -> Path | None:

@@ -1,18 +1,27 @@
-"""Image-caption pairs as a LightningDataModule: deterministic split, noisy training split, clean val/test."""
+"""Image-caption pairs as a LightningDataModule: deterministic split, noisy training split, clean val/test.
+
+Sources (``data.source``): ``embedded`` and ``csv`` decode every image once into memory (``PairDataset``);
+``wds`` streams the training split from tar shards (``ncu.data.wds.ShardPairs``) and keeps only val/test in
+memory. In every source the split is a hash of the sample key (the concept group for ``embedded``) and the
+noise artifact is built on the training keys, so a pair's split and corruption never depend on file order.
+"""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ncu.data import noise as noise_lib
 from ncu.data.embedded import embedded_pairs, split_of, unit_hash
@@ -20,8 +29,10 @@ from ncu.data.embedded import embedded_pairs, split_of, unit_hash
 log = logging.getLogger(__name__)
 
 
-def load_image(path: str, max_side: int | None = None) -> Image.Image:
-    """RGB image; transparent pixels are composited on white (emoji and stamps are drawn on alpha)."""
+def load_image(path: Any, max_side: int | None = None) -> Image.Image:
+    """RGB image; transparent pixels are composited on white (emoji and stamps are drawn on alpha).
+
+    ``path`` is a file path or a binary file object (image bytes read from a shard)."""
     with Image.open(path) as im:
         im.load()
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -47,10 +58,11 @@ def load_frame(cfg: dict) -> pd.DataFrame:
                                       cfg.get("caption_key", "caption"), cfg.get("sep"),
                                       cfg.get("category_key"), cfg.get("key_key"))
         frame.attrs["stats"] = stats
-        if frame["category"].isna().all():
+        # Without a category column every pair is in one class; name it instead of leaving it empty.
+        if (frame["category"].isna() | (frame["category"] == "")).all():
             frame["category"] = "none"
         return frame
-    raise ValueError(f"unknown data.source {source!r}; choose embedded or csv")
+    raise ValueError(f"unknown data.source {source!r}; choose embedded, csv or wds")
 
 
 class PairDataset(Dataset):
@@ -58,19 +70,26 @@ class PairDataset(Dataset):
 
     ``image_index`` realises the noise: caption k is shown with image ``image_index[k]``.
     Unreadable image files are skipped (their pairs dropped) and counted in ``skipped``.
+    ``blobs`` (encoded image bytes per row, None for a missing image) are decoded instead of the files in
+    ``frame.image``, which then only names where each image came from (shard sources).
     """
 
     def __init__(self, frame: pd.DataFrame, transform: Callable | None = None, tokenizer: Callable | None = None,
                  image_index: np.ndarray | None = None, noisy: np.ndarray | None = None,
-                 max_side: int | None = 128):
+                 max_side: int | None = 128, blobs: Sequence[bytes | None] | None = None):
         self.transform, self.tokenizer = transform, tokenizer
         n = len(frame)
         image_index = np.arange(n) if image_index is None else np.asarray(image_index)
         noisy = np.zeros(n, dtype=bool) if noisy is None else np.asarray(noisy, dtype=bool)
         images: list[Image.Image | None] = []
-        for path in frame["image"]:
+        for i, path in enumerate(frame["image"]):
             try:
-                images.append(load_image(path, max_side))
+                if blobs is None:
+                    images.append(load_image(path, max_side))
+                elif blobs[i] is None:
+                    raise FileNotFoundError(path)
+                else:
+                    images.append(load_image(io.BytesIO(blobs[i]), max_side))
             except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
                 log.warning("skipping unreadable image %s (%s)", path, type(e).__name__)
                 images.append(None)
@@ -95,17 +114,128 @@ class PairDataset(Dataset):
         return item
 
 
+class ShardTrainSet(IterableDataset):
+    """The training stream of a shard source: a ``ShardPairs`` over the training keys (noise applied), with
+
+    - ``len()``: the number of training pairs (all ranks), as ``len(PairDataset)``;
+    - ``skipped`` / ``streamed``: undecodable images and pairs read in the current pass, summed over the
+      loader workers. Each worker writes its counts into a shared-memory tensor (one row per worker)
+      because a worker's own copy of the dataset is invisible to the main process.
+    """
+
+    def __init__(self, pairs: Any, num_pairs: int, num_workers: int = 0):
+        self.pairs, self.num_pairs = pairs, int(num_pairs)
+        self.counters = torch.zeros(max(1, num_workers), 2, dtype=torch.long).share_memory_()
+
+    # attach() sets the model's transform and tokenizer on every split's dataset.
+    @property
+    def transform(self) -> Callable | None:
+        return self.pairs.transform
+
+    @transform.setter
+    def transform(self, value: Callable | None) -> None:
+        self.pairs.transform = value
+
+    @property
+    def tokenizer(self) -> Callable | None:
+        return self.pairs.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Callable | None) -> None:
+        self.pairs.tokenizer = value
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pairs.set_epoch(epoch)
+
+    @property
+    def skipped(self) -> int:
+        return int(self.counters[:, 0].sum())
+
+    @property
+    def streamed(self) -> int:
+        return int(self.counters[:, 1].sum())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        inner = self.pairs  # in a worker process: that worker's copy
+        for item in inner:
+            self.counters[slot, 0], self.counters[slot, 1] = inner.skipped, inner.pairs
+            yield item
+        self.counters[slot, 0], self.counters[slot, 1] = inner.skipped, inner.pairs
+
+
+class ShardLoader(DataLoader):
+    """DataLoader of a ``ShardTrainSet`` that starts every pass at the next epoch (a new shard order, also
+    with fresh worker processes) and whose length bounds the batches of one rank from above.
+
+    The bound (ceil of pairs per rank / batch size) lets the stream, not a batch count, end the epoch:
+    every shard is read to its end, so the pass is complete and its counters are final. Undecodable images
+    and the remainder each worker drops (``drop_last``) make the real count a little lower.
+    """
+
+    def __init__(self, dataset: ShardTrainSet, next_epoch: Callable[[], int], world_size: int = 1,
+                 **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.next_epoch, self.world_size = next_epoch, world_size
+
+    def __iter__(self) -> Any:
+        self.dataset.set_epoch(self.next_epoch())
+        self.dataset.counters.zero_()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.dataset) / self.world_size) / self.batch_size)
+
+
+def read_shard_samples(shards: Sequence[str], keys: set[str]) -> dict[str, tuple[str, bytes | None, str]]:
+    """``{key: (shard, image bytes or None, category)}`` for the samples of ``keys``, in one pass over the
+    shards. The category is the ``.json`` field ``category`` when present, else ``"none"``."""
+    from ncu.data.wds import _SHARD_ERRORS, iter_samples, sample_image
+
+    found: dict[str, tuple[str, bytes | None, str]] = {}
+    for shard in shards:
+        samples = iter_samples(shard, read_images=True)
+        while True:
+            try:
+                key, parts = next(samples)
+            except StopIteration:
+                break
+            except _SHARD_ERRORS as e:
+                log.warning("shard %s unreadable (%s: %s); moving on", shard, type(e).__name__, e)
+                break
+            if key not in keys:
+                continue
+            ext = sample_image(parts)
+            category = "none"
+            if "json" in parts:
+                try:
+                    meta = json.loads(parts["json"].decode("utf-8", errors="replace"))
+                except ValueError:
+                    meta = None
+                if isinstance(meta, dict) and isinstance(meta.get("category"), str) and meta["category"].strip():
+                    category = meta["category"].strip()
+            found[key] = (shard, parts[ext] if ext else None, category)
+    return found
+
+
 class PairDataModule(L.LightningDataModule):
     def __init__(self, data: dict, noise: dict, batch_size: int = 128, eval_batch_size: int = 256,
                  num_workers: int = 0, noise_dir: str = "data/noise", seed: int = 0):
         super().__init__()
         self.data_cfg, self.noise_cfg = dict(data), dict(noise)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.noise_dir = num_workers, noise_dir
+        self.num_workers, self.noise_dir, self.seed = num_workers, noise_dir, seed
         self.preprocess_train = self.preprocess_val = self.tokenizer = None
-        self.datasets: dict[str, PairDataset] = {}
+        self.datasets: dict[str, PairDataset | ShardTrainSet] = {}
         self.noise_artifact: noise_lib.NoiseArtifact | None = None
         self.noise_folder: Path | None = None
+        self.source_stats: dict[str, int] = {}
+        self.pairs_per_s: float | None = None  # end-to-end training throughput of the last epoch
+        self._passes = 0  # training passes started over a shard source (its shuffling epoch)
 
     def attach(self, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Callable) -> None:
         """Use the model's own preprocessing and tokenizer so they always match the architecture."""
@@ -118,39 +248,63 @@ class PairDataModule(L.LightningDataModule):
     def name(self) -> str:
         return self.data_cfg.get("name", "embedded")
 
+    @property
+    def source(self) -> str:
+        return self.data_cfg.get("source", "embedded")
+
     # Loader settings do not change which pairs exist; everything else in the data config may.
-    _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "max_side")
+    _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "max_side", "shuffle_buffer", "index_cache")
 
     def dataset_id(self, frame: pd.DataFrame) -> str:
         """Name of the noise-artifact folder: the data name plus a hash of what defines the pairs
-        (e.g. sources, skin tones, limit) and of which sources are present (TuxPaint is optional)."""
+        (e.g. sources, skin tones, limit) and, for the embedded set, of which sources are present
+        (TuxPaint is optional). Other sources are identified by their config (path, shard list)."""
         spec = {k: v for k, v in sorted(self.data_cfg.items()) if k not in self._LOADER_KEYS}
-        spec["present"] = sorted({str(k).split(":")[0] for k in frame["key"]})
+        if self.source == "embedded":
+            spec["present"] = sorted({str(k).split(":")[0] for k in frame["key"]})
         return f"{self.name}-{hashlib.sha1(json.dumps(spec, default=str).encode()).hexdigest()[:8]}"
+
+    def _fractions(self) -> tuple[float, float]:
+        return self.data_cfg.get("val_frac", 0.1), self.data_cfg.get("test_frac", 0.2)
+
+    def _subsample(self, part: pd.DataFrame, split: str) -> pd.DataFrame:
+        """``data.limit`` (and ``data.eval_max_pairs`` for val/test) keep the pairs first in key-hash order:
+        deterministic and independent of file order."""
+        val_frac, test_frac = self._fractions()
+        limit = self.data_cfg.get("limit")
+        n = max(1, int(limit * {"train": 1.0, "val": val_frac, "test": test_frac}[split])) if limit else None
+        cap = self.data_cfg.get("eval_max_pairs") if split != "train" else None
+        if cap is not None:
+            n = min(n, cap) if n is not None else cap
+        if n is None:
+            return part
+        order = np.argsort(part["key"].map(lambda k: unit_hash(k, "limit")).to_numpy(), kind="stable")
+        return part.iloc[order[:n]].reset_index(drop=True)
+
+    def _build_noise(self, frame: pd.DataFrame, train: pd.DataFrame) -> None:
+        self.noise_artifact, self.noise_folder, reused = noise_lib.build_or_load(
+            self.noise_dir, self.dataset_id(frame), train["key"].tolist(),
+            train["caption"].tolist(), self.noise_cfg.get("rate", 0.0),
+            self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("seed", 0),
+            self.noise_cfg.get("derangement", False))
+        log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
+                 "reused" if reused else "created", self.noise_artifact.realised_rate)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        if self.source == "wds":
+            self._setup_shards()
+            return
         frame = load_frame(self.data_cfg)
-        val_frac, test_frac = self.data_cfg.get("val_frac", 0.1), self.data_cfg.get("test_frac", 0.2)
+        self.source_stats = dict(frame.attrs.get("stats", {}))
+        val_frac, test_frac = self._fractions()
         split = frame["group"].map(lambda g: split_of(g, val_frac, test_frac))
-        limit = self.data_cfg.get("limit")
         max_side = self.data_cfg.get("max_side", 128)
         for name in ("train", "val", "test"):
-            part = frame[split == name].reset_index(drop=True)
-            if limit:
-                # Subsample by a hash of the key (for smoke runs): deterministic, independent of file order.
-                n = max(1, int(limit * {"train": 1.0, "val": val_frac, "test": test_frac}[name]))
-                order = np.argsort(part["key"].map(lambda k: unit_hash(k, "limit")).to_numpy(), kind="stable")
-                part = part.iloc[order[:n]].reset_index(drop=True)
+            part = self._subsample(frame[split == name].reset_index(drop=True), name)
             if name == "train":
-                self.noise_artifact, self.noise_folder, reused = noise_lib.build_or_load(
-                    self.noise_dir, self.dataset_id(frame), part["key"].tolist(),
-                    part["caption"].tolist(), self.noise_cfg.get("rate", 0.0),
-                    self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("seed", 0),
-                    self.noise_cfg.get("derangement", False))
-                log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
-                         "reused" if reused else "created", self.noise_artifact.realised_rate)
+                self._build_noise(frame, part)
                 ds = PairDataset(part, self.preprocess_train, self.tokenizer, self.noise_artifact.perm,
                                  self.noise_artifact.noisy_mask, max_side)
             else:
@@ -158,15 +312,78 @@ class PairDataModule(L.LightningDataModule):
             self.datasets[name] = ds
         self.classnames = sorted(frame["category"].unique().tolist())
 
+    def _setup_shards(self) -> None:
+        """Shard source: index pass (key, caption), hashed split of the keys, noise on the training keys; the
+        training split streams (``ShardTrainSet``), val/test images are read once into ``PairDataset``s."""
+        from ncu.data.wds import ShardPairs, build_index, expand_shards
+
+        cfg = self.data_cfg
+        shards = expand_shards(cfg["shards"])
+        index = build_index(shards, cfg.get("index_cache"))
+        self.source_stats = dict(index.attrs.get("stats", {}))
+        val_frac, test_frac = self._fractions()
+        # Shards carry no concept group: each key is its own group.
+        split = index["key"].map(lambda k: split_of(k, val_frac, test_frac))
+        parts = {name: self._subsample(index[split == name].reset_index(drop=True), name)
+                 for name in ("train", "val", "test")}
+        train = parts["train"]
+        if len(train) == 0:
+            raise ValueError(f"data.shards={cfg['shards']!r}: no training pair (index: {self.source_stats})")
+        self._build_noise(index, train)
+        max_side = cfg.get("max_side", 128)
+        stream = ShardPairs.from_artifact(train, self.noise_artifact, transform=self.preprocess_train,
+                                          tokenizer=self.tokenizer, seed=self.seed,
+                                          shuffle_buffer=cfg.get("shuffle_buffer", 0) or 0, max_side=max_side)
+        self.datasets["train"] = ShardTrainSet(stream, len(train), self.num_workers)
+        wanted = set(parts["val"]["key"]) | set(parts["test"]["key"])
+        found = read_shard_samples(shards, wanted)
+        categories: set[str] = set()
+        for name in ("val", "test"):
+            part = parts[name]
+            rows = [found.get(k, (str(s), None, "none")) for k, s in zip(part["key"], part["shard"])]
+            frame = pd.DataFrame({
+                "key": part["key"].astype(str), "image": [f"{s}#{k}" for k, (s, _, _) in zip(part["key"], rows)],
+                "caption": part["caption"].astype(str), "category": [c for _, _, c in rows],
+                "group": part["key"].astype(str)})
+            ds = PairDataset(frame, self.preprocess_val, self.tokenizer, max_side=max_side,
+                             blobs=[b for _, b, _ in rows])
+            self.datasets[name] = ds
+            categories.update(ds.frame["category"])
+        self.classnames = sorted(categories) or ["none"]
+
     @property
     def skipped(self) -> int:
+        """Unreadable images: pairs dropped from the in-memory splits, plus the undecodable images of the
+        current (or last) pass over a shard source's training stream."""
         return sum(ds.skipped for ds in self.datasets.values())
 
+    def stats(self) -> dict[str, float]:
+        """Pair counts, ``skipped``, the source's own counts (CSV: rows, kept, empty_captions,
+        non_string_captions, missing_image_paths; shards: samples, no_image, no_caption, bad_shards of the
+        index pass) and ``pairs_per_s`` once an epoch has been measured (``DataStatsCallback``)."""
+        out: dict[str, float] = {f"{name}_pairs": float(len(ds)) for name, ds in self.datasets.items()}
+        out["skipped"] = float(self.skipped)
+        train = self.datasets.get("train")
+        if isinstance(train, ShardTrainSet):
+            out["streamed_pairs"] = float(train.streamed)
+        out.update({k: float(v) for k, v in self.source_stats.items() if isinstance(v, (int, float))})
+        if self.pairs_per_s is not None:
+            out["pairs_per_s"] = float(self.pairs_per_s)
+        return out
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
     def _per_device(self, batch_size: int) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self.world_size
         if batch_size % world:
             raise ValueError(f"data.batch_size={batch_size} is not divisible by the world size {world}")
         return batch_size // world
+
+    def _next_pass(self) -> int:
+        self._passes += 1
+        return self._passes - 1
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
@@ -174,6 +391,10 @@ class PairDataModule(L.LightningDataModule):
         if len(ds) < bs:
             raise ValueError(f"training split has {len(ds)} pairs, fewer than one batch of {bs}")
         # drop_last: NC selection and OT assume full batches of the configured size.
+        if isinstance(ds, ShardTrainSet):
+            # Fresh workers every pass (not persistent) so that each gets the new epoch's shard order.
+            return ShardLoader(ds, self._next_pass, self.world_size, batch_size=bs, drop_last=True,
+                               num_workers=self.num_workers)
         return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
@@ -192,3 +413,70 @@ class PairDataModule(L.LightningDataModule):
         index = {c: i for i, c in enumerate(self.classnames)}
         return torch.tensor([index[c] for c in cats], dtype=torch.long)
 
+
+def _batch_size_of(batch: Any) -> int:
+    if isinstance(batch, dict):
+        return len(batch["caption"])
+    return len(batch)
+
+
+class DataStatsCallback(L.Callback):
+    """Logs at every training epoch end:
+
+    - ``data/pairs_per_s``: training pairs per second of wall time from the epoch start to the end of its
+      last training batch, summed over ranks. End to end: it includes the model's forward/backward, so it
+      is a lower bound on the loader's own rate (``loader_throughput`` measures that alone).
+    - ``data/skipped``: unreadable images (``PairDataModule.skipped``; the stream part summed over ranks).
+    - ``data/<count>``: the other counts of ``PairDataModule.stats()`` (pairs per split, CSV caption counts,
+      shard index counts).
+    """
+
+    def __init__(self) -> None:
+        self._pairs, self._t0, self._t1 = 0, 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pairs, self._t0 = 0, time.perf_counter()
+        self._t1 = self._t0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._pairs += _batch_size_of(batch)
+        self._t1 = time.perf_counter()
+
+    def _sum_over_ranks(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> float:
+        total = trainer.strategy.reduce(torch.tensor(float(value), device=pl_module.device), reduce_op="sum")
+        return float(total)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = self._t1 - self._t0
+        rate = self._sum_over_ranks(trainer, pl_module, self._pairs / seconds if seconds > 0 else 0.0)
+        values = {"data/pairs_per_s": rate}
+        dm = trainer.datamodule
+        if isinstance(dm, PairDataModule):
+            dm.pairs_per_s = rate
+            stats = dm.stats()
+            train = dm.datasets.get("train")
+            if isinstance(train, ShardTrainSet):  # each rank streams its own shards
+                stream = self._sum_over_ranks(trainer, pl_module, train.skipped)
+                stats["skipped"] = float(dm.skipped - train.skipped) + stream
+            values.update({f"data/{k}": v for k, v in stats.items() if k != "pairs_per_s"})
+        for name, value in values.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+
+
+def loader_throughput(dm: PairDataModule, n_batches: int = 20) -> dict[str, float]:
+    """Pure loader speed: pairs per second delivered by ``dm.train_dataloader()`` (decoding, transform,
+    tokenisation and collation; no model), over ``n_batches`` batches or one pass, whichever ends first.
+    Includes starting the worker processes. For the in-memory sources the images were decoded in
+    ``setup``: time that separately."""
+    dm.setup()
+    loader = dm.train_dataloader()
+    pairs, batches, t0 = 0, 0, time.perf_counter()
+    for batch in loader:
+        pairs += _batch_size_of(batch)
+        batches += 1
+        if batches >= n_batches:
+            break
+    seconds = time.perf_counter() - t0
+    return {"pairs": float(pairs), "batches": float(batches), "seconds": seconds,
+            "pairs_per_s": pairs / seconds if seconds > 0 else 0.0}

@@ -1,0 +1,161 @@
+"""DDP on 2 CPU processes (gloo): the NCU step on a split global batch equals one process on the whole batch.
+
+Each rank holds half of one fixed global batch; the module gathers features from both ranks
+(``all_gather(..., sync_grads=True)``), selects the noisy correspondences, computes the stage loss over
+the global batch, and DDP averages the parameter gradients. The loss, the NC selection and the averaged
+gradients must match a single process that sees the whole batch at once.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
+WORLD = 2
+PER_RANK = 12  # global batch 24: nc_ratio 0.4 flags floor(9.6) = 9 pairs
+WORDS = (["red", "blue", "small", "old", "green", "tiny"], ["cat", "dog", "car", "tree", "house", "bird"],
+         ["near", "under", "behind", "on"], ["a table", "the sea", "a hill", "the road", "a box"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch(tokenizer: Any, n: int) -> list[dict[str, Any]]:
+    """n fixed pairs (random 32 px images, varied captions, a few marked noisy) as dataset items."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        pick = [w[int(torch.randint(len(w), (1,), generator=g))] for w in WORDS]
+        caption = f"a {pick[0]} {pick[1]} {pick[2]} {pick[3]}"
+        items.append({"image": torch.randn(3, 32, 32, generator=g), "text": tokenizer([caption])[0],
+                      "caption": caption, "index": i, "noisy": i % 3 == 0})
+    return items
+
+
+def _spec(tmp_path: Path) -> dict[str, Any]:
+    """Plain-dict pieces of the composed smoke config: model name, method (with solver), optim, stages."""
+    from omegaconf import OmegaConf
+
+    from ncu.config import plan_stages
+
+    cfg = compose_cfg(["experiment=smoke", "method=ncu", "logger=none", "print_table=false",
+                       "method.negation.perturb.enabled=false"], tmp_path=tmp_path)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    method["solver"] = OmegaConf.to_container(cfg.solver, resolve=True)
+    stages = dict(plan_stages(cfg))
+    return {"model": cfg.model.name, "method": method, "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+            "stages": {name: stages[name] for name in ("hn", "unlearn")}}
+
+
+def _module(spec: dict[str, Any]) -> Any:
+    """The Lightning module of ``spec`` (random init; each run loads the shared weights)."""
+    from ncu.lit_module import CLIPUnlearner
+    from ncu.models import factory
+
+    bundle = factory.create(spec["model"], None)
+    return CLIPUnlearner(bundle.model, bundle.tokenizer, spec["method"], spec["optim"], config={"seed": 0})
+
+
+def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[dict], devices: int) -> dict:
+    """Fit one step of ``stage`` from ``weights`` on ``items``; the loss, scores, NC mask and the
+    gradients as the optimizer sees them (after the DDP all-reduce)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    module.load_state_dict(torch.load(weights, weights_only=True))
+    module.set_stage(name, stage)
+    out: dict[str, Any] = {}
+    update = module.detect.update
+
+    def spy(scores: torch.Tensor, noisy: torch.Tensor, flagged: torch.Tensor) -> None:
+        out["scores"], out["flagged"] = scores.detach().clone(), flagged.clone()
+        update(scores, noisy, flagged)
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            out["grads"] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
+                            if p.requires_grad and p.grad is not None}
+            out["trainable"] = sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            out["loss"] = outputs["loss"].detach().clone()
+
+    module.detect.update = spy
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        precision="32-true", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[Record()])
+    # Each rank's loader yields its own rows, in order: the gathered batch is rank 0's rows then rank 1's.
+    trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=len(items), shuffle=False))
+    del module.detect.update
+    return out
+
+
+def _worker(rank: int, port: int, spec: dict, weights: str, batch: str, out_dir: str) -> None:
+    """One DDP rank; the environment says the processes already exist, so Lightning joins them."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
+                       "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    items = torch.load(batch, weights_only=False)[rank * PER_RANK:(rank + 1) * PER_RANK]
+    module = _module(spec)
+    results = {name: _one_step(module, Path(weights), name, stage, items, WORLD)
+               for name, stage in spec["stages"].items()}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_global_batch_matches_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    spec = _spec(tmp_path)
+    torch.manual_seed(0)
+    module = _module(spec)
+    weights, batch = tmp_path / "weights.pt", tmp_path / "batch.pt"
+    torch.save(module.state_dict(), weights)
+    items = _global_batch(module.tokenizer, WORLD * PER_RANK)
+    torch.save(items, batch)
+
+    mp.spawn(_worker, args=(_free_port(), spec, str(weights), str(batch), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {name: _one_step(module, weights, name, stage, items, 1) for name, stage in spec["stages"].items()}
+    finally:
+        torch.set_num_threads(threads)
+
+    k = int(0.4 * WORLD * PER_RANK)
+    for name in spec["stages"]:
+        ref = single[name]
+        assert int(ref["flagged"].sum()) == k
+        assert set(ref["grads"]) == set(ref["trainable"]), "every trainable parameter gets a gradient (DDP needs it)"
+        assert any(n.startswith("model.transformer.") for n in ref["grads"])
+        if name == "hn":
+            assert "prompt.ctx" in ref["grads"] and "model.visual.proj" in ref["grads"]
+            assert not any(n.startswith("model.visual.transformer.") for n in ref["grads"])
+        for rank, res in enumerate(ranks):
+            got = res[name]
+            where = f"stage {name}, rank {rank}"
+            # The NC scores and selection are over the gathered global batch, in the single-process order.
+            assert got["scores"].shape == (WORLD * PER_RANK,), where
+            torch.testing.assert_close(got["scores"], ref["scores"], rtol=1e-5, atol=1e-7, msg=where)
+            assert torch.equal(got["flagged"], ref["flagged"]), where
+            torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-7, msg=where)
+            assert set(got["grads"]) == set(ref["grads"]), where
+            for n, g in ref["grads"].items():
+                assert g.abs().max() > 0, f"{where}: {n} has a zero gradient"
+                torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()),
+                                           msg=f"{where}: gradient of {n}")
+
