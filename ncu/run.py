@@ -187,7 +187,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
             trainer = build_trainer(cfg, plan[-1][1], [], run_dir, len(plan) - 1, plan[-1][0], step)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
-                        if k.startswith("train/") and v.numel() == 1})
+                        if k.startswith(("train/", "val/")) and v.numel() == 1})
         metrics.update(test_metrics(trainer, module, dm, "test"))
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/"))}, step)
