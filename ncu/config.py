@@ -1,6 +1,9 @@
 """Config checks that fail at start with one clear message, before any data or model is built."""
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +34,13 @@ def _stage_list(cfg: DictConfig) -> list[tuple[str, dict]]:
 def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
     """The run's ordered stages ``[(name, settings)]``: pre-training (when enabled) then the method's."""
     return _stage_list(cfg)
+
+
+def _local_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def validate(cfg: DictConfig) -> None:
@@ -104,6 +114,8 @@ def validate(cfg: DictConfig) -> None:
                              require_wordnet=perturb.get("require_wordnet", True))
         except (WordNetUnavailableError, ValueError) as e:
             raise ConfigError(f"method.negation.perturb: {e}") from None
+    if _local_multirun() and "ddp" in str(cfg.trainer.get("strategy")) and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError("trainer=ddp inside a local multirun: use hydra/launcher=slurm, or run the points one by one")
     plan = plan_stages(cfg)
     if not plan:
         raise ConfigError("the run has no stage: method.stages is empty and pre-training is off")
@@ -124,9 +136,42 @@ def run_dir_of(ckpt_path: str | None, default: str = "logs/eval") -> str:
     return str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
 
 
+_CLAIMED_GPU: str | None = None
+
+
+def gpu_for_job(n_gpus: int | str = 1) -> str:
+    """CUDA_VISIBLE_DEVICES of a local sweep worker: one GPU per worker process, kept for its lifetime.
+
+    Joblib workers run several jobs each and CUDA reads CUDA_VISIBLE_DEVICES once per process, so the GPU
+    belongs to the worker, not to the job number. Workers of one sweep (same parent) take the lowest free
+    index with a lock the OS releases when the worker exits. With CUDA_VISIBLE_DEVICES set for the sweep,
+    index i is its i-th entry."""
+    global _CLAIMED_GPU
+    if _CLAIMED_GPU is None:
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        n = int(n_gpus)
+        folder = Path(tempfile.gettempdir()) / f"ncu-gpus-{os.getuid()}-{os.getppid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            fd = os.open(folder / f"{i}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _CLAIMED_GPU = visible[i] if i < len(visible) else str(i)  # fd stays open: the claim lasts
+            break
+        else:
+            raise RuntimeError(f"ncu_gpu_for_job: the {n} GPUs are all held by other workers of this sweep; "
+                               "set hydra.launcher.n_jobs <= NCU_N_GPUS")
+    return _CLAIMED_GPU
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ncu_run_dir"):
         OmegaConf.register_new_resolver("ncu_run_dir", run_dir_of)
+    if not OmegaConf.has_resolver("ncu_gpu_for_job"):
+        OmegaConf.register_new_resolver("ncu_gpu_for_job", gpu_for_job)
 
 
 register_resolvers()

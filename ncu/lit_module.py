@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from open_clip.loss import ClipLoss
 
 from ncu import stages
 from ncu.eval.detection import NCDetectionMeter
@@ -69,8 +70,12 @@ class CLIPUnlearner(L.LightningModule):
         self.detect = NCDetectionMeter()
         self.stage_name, self.stage, self.stage_index = "none", {}, None
         self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
-        self._eval_feats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._eval_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_eval: dict[str, float] = {}
+        self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.epoch_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_batch: tuple | None = None
+        self.last_val_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self.classnames: list[str] = []
         self.eval_labels: dict[str, torch.Tensor] = {}
 
@@ -142,16 +147,23 @@ class CLIPUnlearner(L.LightningModule):
     # ----- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         objective = self.stage["objective"]
-        v = self.gather(self.model.encode_image(batch["image"], normalize=True))
-        t = self.gather(self.model.encode_text(batch["text"], normalize=True))
+        m = self.method
+        v_local = self.model.encode_image(batch["image"], normalize=True)
+        t_local = self.model.encode_text(batch["text"], normalize=True)
+        v, t = self.gather(v_local), self.gather(t_local)
         noisy = self.gather(batch["noisy"].to(self.device))
         s = self.logit_scale()
-        m = self.method
         scores = ncu_obj.nc_scores(v, t, s)
         flagged = ncu_obj.select_nc(scores, m.get("nc_ratio", 0.1))
         self.detect.update(scores, noisy, flagged)
+        self._scores.append((scores.detach().cpu(), noisy.detach().cpu()))
         parts: dict[str, torch.Tensor] = {}
-        if objective == "clip":
+        tn = None
+        if objective == "clip" and m.get("local_loss") and self._trainer is not None and self.trainer.world_size > 1:
+            # open_clip's local loss: each rank scores its own rows against the global batch (N/W x N logits).
+            loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=self.global_rank,
+                            world_size=self.trainer.world_size)(v_local, t_local, s)
+        elif objective == "clip":
             loss = baselines.clip_loss(v, t, s)
         elif objective == "filter":
             loss = baselines.filter_loss(v, t, s, flagged)
@@ -170,6 +182,9 @@ class CLIPUnlearner(L.LightningModule):
                     v, t, tn, s, flagged, m["gamma"], self.solver, use_hn=tn is not None,
                     normalize_t2v=u["normalize_t2v"], reuse_transpose=u["reuse_transpose"],
                     w_band=u["w_band"], band=tuple(m["band"]))
+        # Kept (detached) for the dashboard images of the last batch of the epoch.
+        self.last_batch = (v.detach().float(), t.detach().float(),
+                           tn.detach().float() if tn is not None else None, flagged)
         bs = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", s.detach(), batch_size=bs)
@@ -185,23 +200,34 @@ class CLIPUnlearner(L.LightningModule):
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, LOG_SCALE_MAX)
 
+    def on_train_epoch_start(self) -> None:
+        self._scores.clear()
+
     def on_train_epoch_end(self) -> None:
         for k, val in self.detect.compute().items():
             self.log(f"train/nc_{k}", val)
         self.detect.reset()
+        self.epoch_scores = (torch.cat([s for s, _ in self._scores]), torch.cat([n for _, n in self._scores]))
 
     # ----- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:
         v = self.model.encode_image(batch["image"], normalize=True)
         t = self.model.encode_text(batch["text"], normalize=True)
-        self._eval_feats.append((v.float(), t.float()))
+        self._eval_feats.append((v.float(), t.float(), torch.as_tensor(batch["index"], device=v.device)))
 
     def _eval_end(self, split: str, prefix: str) -> None:
-        v = torch.cat([f[0] for f in self._eval_feats])
-        t = torch.cat([f[1] for f in self._eval_feats])
+        v, t, index = (torch.cat([f[i] for f in self._eval_feats]) for i in range(3))
         self._eval_feats.clear()
-        if self._trainer is not None and self.trainer.world_size > 1:  # evaluation sets are small: score them whole on every rank
-            v, t = self.all_gather(v).flatten(0, 1), self.all_gather(t).flatten(0, 1)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Evaluation sets are small: score them whole on every rank. The distributed sampler interleaves
+            # ranks and pads with repeats: back to dataset order, each sample once.
+            v, t, index = (self.all_gather(x).flatten(0, 1) for x in (v, t, index))
+            order = torch.argsort(index, stable=True)
+            first = torch.ones_like(order, dtype=torch.bool)
+            first[1:] = index[order][1:] != index[order][:-1]
+            v, t = v[order[first]], t[order[first]]
+        if split == "val":
+            self.last_val_features = (v, t)
         metrics = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
         labels = self.eval_labels.get(split)
         if labels is not None and len(labels) == len(v) and self.classnames:

@@ -6,17 +6,20 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from ncu.callbacks import DashboardImages
 from ncu.config import ConfigError, plan_stages, validate
-from ncu.data.datamodule import PairDataModule
+from ncu.data.datamodule import DataStatsCallback, PairDataModule
 from ncu.lit_module import CLIPUnlearner
 from ncu.models import factory
 
@@ -50,8 +53,13 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
         if lcfg is None or "_target_" not in lcfg:
             continue
         if name == "wandb":
-            loggers.append(instantiate(lcfg, config=OmegaConf.to_container(cfg, resolve=True),
-                                       id=wandb_run_id(Path(cfg.paths.output_dir)), resume="allow"))
+            logger = instantiate(lcfg, id=wandb_run_id(Path(cfg.paths.output_dir)), resume="allow")
+            full = OmegaConf.to_container(cfg, resolve=True)
+            if HydraConfig.initialized():
+                full["hydra_choices"] = dict(HydraConfig.get().runtime.choices)
+                full["overrides"] = list(HydraConfig.get().overrides.task)
+            logger.log_hyperparams(full)  # the full resolved config, not only the module's
+            loggers.append(logger)
         else:
             loggers.append(instantiate(lcfg))
     return loggers
@@ -62,12 +70,16 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
-    return run_id
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(uuid.uuid4().hex[:8] + "\n")
+    try:
+        os.link(tmp, path)  # the first rank to get here decides the id
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
 
 
 def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Path, index: int, name: str,
@@ -76,8 +88,9 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
 
     callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                                   enable_version_counter=False)]
+    callbacks.append(DataStatsCallback())
     if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks += [LearningRateMonitor(logging_interval="step"), DashboardImages()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
     trainer = instantiate(cfg.trainer, max_epochs=stage["epochs"], logger=loggers or False, callbacks=callbacks,
@@ -121,12 +134,22 @@ def print_table(metrics: dict[str, float]) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
+def single_log_stream() -> None:
+    """Lightning adds its own console handler; with Hydra's root handler every line would print twice."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if logging.getLogger().handlers:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    single_log_stream()
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +211,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             trainer = build_trainer(cfg, plan[-1][1], [], run_dir, len(plan) - 1, plan[-1][0], step)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith(("train/", "val/")) and v.numel() == 1})
+        metrics.update({f"data/{k}": float(v) for k, v in dm.stats().items() if isinstance(v, (int, float))})
         metrics.update(test_metrics(trainer, module, dm, "test"))
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/"))}, step)

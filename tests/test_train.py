@@ -83,3 +83,25 @@ def test_cached_pretraining_is_reused_with_the_same_numbers(smoke_run, tmp_path)
                          "trainer.limit_train_batches=1"], tmp_path=tmp_path / "o", data_dir=objects["run_dir"].parent / "data")
     train(other)
     assert len(list((objects["run_dir"].parent / "data" / "pretrained").glob("*.ckpt"))) == 2
+
+
+def test_wandb_offline_run_logs_config_group_and_dashboard_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(["experiment=smoke", "method=ncu", "logger=wandb", "print_table=false", "epochs_cap=1",
+                       "trainer.limit_val_batches=1"], tmp_path=tmp_path)
+    metrics, objects = train(cfg)
+    import wandb
+
+    assert wandb.run is None  # finished
+    run_dir = objects["run_dir"]
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    files = [p for p in (run_dir / "wandb").rglob("*") if p.is_file()]
+    assert any(run_id in str(p) for p in files)
+    media = [p.name for p in files if p.suffix == ".png"]
+    assert any("nc_score_hist" in m for m in media) and any("ot_targets" in m for m in media)
+    assert any("retrieval_examples" in p.name for p in files)
+    record = next(p for p in files if p.suffix == ".wandb").read_bytes()
+    # the full resolved config (with the Hydra choices), the experiment as group, the config choices as tags
+    for needle in (b"hydra_choices", b"realised_rate", b"smoke", b"rate0.4", b"ncu-micro"):
+        assert needle in record, needle

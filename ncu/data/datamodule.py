@@ -175,6 +175,8 @@ class ShardLoader(DataLoader):
     The bound (ceil of pairs per rank / batch size) lets the stream, not a batch count, end the epoch:
     every shard is read to its end, so the pass is complete and its counters are final. Undecodable images
     and the remainder each worker drops (``drop_last``) make the real count a little lower.
+    Under DDP every rank must take the same number of steps: when ranks may get unequal shares (few or
+    unequal shards), cap the epoch with an integer ``trainer.limit_train_batches`` below the smallest share.
     """
 
     def __init__(self, dataset: ShardTrainSet, next_epoch: Callable[[], int], world_size: int = 1,
@@ -351,6 +353,13 @@ class PairDataModule(L.LightningDataModule):
             categories.update(ds.frame["category"])
         self.classnames = sorted(categories) or ["none"]
 
+    # Saved in checkpoints: a resumed run goes on with new shard orders instead of repeating the first ones.
+    def state_dict(self) -> dict[str, Any]:
+        return {"shard_passes": self._passes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._passes = int(state_dict.get("shard_passes", 0))
+
     @property
     def skipped(self) -> int:
         """Unreadable images: pairs dropped from the in-memory splits, plus the undecodable images of the
@@ -392,6 +401,8 @@ class PairDataModule(L.LightningDataModule):
             raise ValueError(f"training split has {len(ds)} pairs, fewer than one batch of {bs}")
         # drop_last: NC selection and OT assume full batches of the configured size.
         if isinstance(ds, ShardTrainSet):
+            if self.trainer is not None:  # explicit: spawned workers do not see torch.distributed
+                ds.pairs.rank, ds.pairs.world_size = self.trainer.global_rank, self.trainer.world_size
             # Fresh workers every pass (not persistent) so that each gets the new epoch's shard order.
             return ShardLoader(ds, self._next_pass, self.world_size, batch_size=bs, drop_last=True,
                                num_workers=self.num_workers)

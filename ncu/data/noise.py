@@ -187,10 +187,10 @@ class NoiseArtifact:
         # Write to temporary names then rename: an interrupted save never leaves a half artifact.
         for name, arr in (("perm.npy", self.perm), ("noisy_mask.npy", self.noisy_mask),
                           ("keys.npy", self.keys.astype(str))):
-            tmp = folder / f".{name}.tmp.npy"
+            tmp = folder / f".{name}.{os.getpid()}.tmp.npy"  # per process: sweep jobs may share an artifact
             np.save(tmp, arr)
             os.replace(tmp, folder / name)
-        tmp = folder / ".meta.json.tmp"
+        tmp = folder / f".meta.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(self.meta, indent=2))
         os.replace(tmp, folder / "meta.json")
         return folder

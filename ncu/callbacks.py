@@ -1,0 +1,57 @@
+"""Dashboard images for wandb: NC-score histograms, the OT targets and similarities of one batch, and a
+table of retrieval examples. Active only when a WandbLogger is attached (CSV runs skip the plotting)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from ncu.eval import plots
+from ncu.objectives import ncu as ncu_obj
+
+
+def _wandb(trainer: L.Trainer) -> WandbLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+class DashboardImages(L.Callback):
+    def __init__(self, examples: int = 8):
+        self.examples = examples
+        self.tmp = Path(tempfile.mkdtemp(prefix="ncu-dash-"))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+        logger = _wandb(trainer)
+        if logger is None or not trainer.is_global_zero or module.epoch_scores is None:
+            return
+        scores, noisy = module.epoch_scores
+        stem = f"{module.stage_name}_e{trainer.current_epoch}"
+        images = {"train/nc_score_hist": plots.score_histogram(scores, noisy, self.tmp / f"hist_{stem}.png",
+                                                                title=f"{module.stage_name}: NC score")}
+        v, t, tn, flagged = module.last_batch
+        sim = v @ t.T
+        images["train/similarity"] = plots.heatmap(sim, self.tmp / f"sim_{stem}.png", "image-text cosine")
+        if module.stage.get("objective") == "ncu_unlearn" and module.method.get("gamma", 0) > 0:
+            A = torch.cat([sim, (v * tn).sum(-1, keepdim=True)], 1) if tn is not None else sim
+            u = module.method["unlearn"]
+            yv, _ = ncu_obj.ot_targets(A, flagged, module.method["gamma"], module.solver, use_hn=tn is not None,
+                                       normalize_t2v=u["normalize_t2v"], reuse_transpose=u["reuse_transpose"])
+            images["train/ot_targets"] = plots.heatmap(yv, self.tmp / f"ot_{stem}.png",
+                                                       "OT soft targets (last column: own hardest negative)")
+        for key, path in images.items():
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+        logger = _wandb(trainer)
+        feats = module.last_val_features
+        if logger is None or not trainer.is_global_zero or feats is None:
+            return
+        v, t = feats
+        captions = trainer.datamodule.datasets["val"].frame["caption"].tolist()
+        top = (v[: self.examples] @ t.T).topk(min(5, len(t)), dim=1).indices.tolist()
+        rows = [[captions[i], " | ".join(captions[j] for j in top[i]), i in top[i][:1]] for i in range(len(top))]
+        logger.log_table(key="val/retrieval_examples", columns=["query (image of)", "top-5 captions", "correct@1"],
+                         data=rows, step=trainer.global_step)
