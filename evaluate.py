@@ -1,7 +1,11 @@
-"""Evaluate a checkpoint of a training run with that run's own config (architecture, preprocessing, data).
+"""Evaluate a training run's checkpoint, or a pre-trained model, on a benchmark suite (conf/benchmark/).
 
-    python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+    python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt            # benchmark=embedded
+    python evaluate.py ckpt_path=<ckpt> benchmark=imagenet benchmark.tasks.imagenet.data=/data/imagenet/val
+    python evaluate.py ckpt_path=pretrained model=vit_b16 model.pretrained=openai
     python evaluate.py -m ckpt_path=<a.ckpt>,<b.ckpt>
+
+Results: <run_dir>/eval/<date>_<benchmark>/metrics.json and a printed table (see ncu/evaluation.py).
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ embedded pairs, caption noise at 40%, method ``clip``). ``run_overrides`` is mer
 Suites. ``conf/benchmark/<name>.yaml`` holds ``name`` and ``tasks``: task name -> task config whose ``kind``
 selects the evaluation (``benchmark.tasks.<task>=null`` drops one). Every metric is written as
 ``eval/<task>/<metric>``; ``eval/mean/zeroshot_top1`` (and top-5) averages the zero-shot classification tasks.
+A task that does not apply (a training split streamed from shards) is skipped with a warning and listed
+in ``meta.json``.
 
 - ``run_test``: retrieval and zero-shot over the categories on the run's clean test split, exactly the
   ``test/*`` metrics of ``train.py`` (``alias_prefix: test`` writes them under ``test/`` as well).
@@ -25,8 +27,9 @@ selects the evaluation (``benchmark.tasks.<task>=null`` drops one). Every metric
 - ``zeroshot_folder``: zero-shot classification of ``data`` (an image folder per class, or a CSV with
   ``image_key``/``label_key`` columns) with ``classnames`` (a YAML/JSON file with ``classes`` and
   ``templates``, ``imagenet`` for open_clip's 1000 class names and 80 templates, or null for the folder/label
-  names with ``templates``). Folder classes are taken in sorted order; sub-folders named ``0``..``999`` (the
-  ImageNet-V2 layout) are read as class indices.
+  names with ``templates``). Data classes are matched to the class names by name when they are among them,
+  otherwise by position: folders in sorted order (ImageNet's WordNet ids), sub-folders named ``0``..``999``
+  (the ImageNet-V2 layout) and integer CSV labels as class indices.
 - ``retrieval_csv``: image-text retrieval on a CSV with one row per (image, caption) (Flickr30K / MSCOCO
   Karpathy test layout); ``coco_fold_size: 1000`` gives MSCOCO ``1k/*`` (mean over 5 folds) and ``5k/*``.
 - ``linear_probe_folder``: linear probe with ``train`` and ``test`` sets (folder or CSV each).
@@ -46,7 +49,8 @@ batch size; each pair's score is the softmax probability of its own caption amon
 scores of every batch. ``scope: full`` scores every pair against all the split's captions and flags the
 lowest ``nc_ratio`` overall (an N x N matrix: small splits only). AUROC/AUPRC rank the scores against the
 noise artifact's mask; precision/recall/F1 are those of the flags; values in [0, 1]. The histogram of
-clean vs. noisy scores is saved as ``<task>_scores.png`` next to ``metrics.json``.
+clean vs. noisy scores is saved as ``<task>_scores.png`` next to ``metrics.json``, and the per-pair
+``scores``, ``noisy`` and ``flagged`` arrays (training-split order) as ``<task>_scores.npz``.
 
 LaCLIP checkpoints (the models NCU starts from): a ``model.name`` starting with ``LaCLIP-`` is built with
 :func:`ncu.models.laclip.create_laclip` (QK-norm timm ViT, ImageNet normalisation) and ``model.pretrained`` is
@@ -59,8 +63,11 @@ As a check of the import, LaCLIP reports ~15.8% ImageNet zero-shot top-1 (80 tem
 ViT-B/16 checkpoint (40.2% for CC12M).
 
 Outputs: ``<run_dir>/eval/<date>_<suite>/metrics.json`` (flat, float values), ``meta.json`` (what was
-evaluated), plots, and a printed table; with ``logger=wandb`` the metrics also go to a wandb run with
-``job_type=eval`` in the training run's group (offline unless ``logger.wandb.offline=false``).
+evaluated), plots, and a printed table. ``<run_dir>`` is the training run's folder (the checkpoint's
+``checkpoints/`` parent), ``logs/models/<model.name>`` for a pre-trained model; a multirun writes each job
+there too (suffix ``_<job number>``), with ``multirun.yaml`` under ``logs/eval/multiruns/``. With
+``logger=wandb`` the metrics also go to a wandb run with ``job_type=eval`` in the training run's group
+(offline unless ``logger.wandb.offline=false``).
 """
 from __future__ import annotations
 
@@ -78,6 +85,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ncu.config import ConfigError
+from ncu.models.factory import ModelBundle, create
 from ncu.run import build, test_metrics, write_json
 
 log = logging.getLogger(__name__)
@@ -86,8 +94,8 @@ PRETRAINED = "pretrained"
 # Task kinds that need the run's data module (its splits, categories and noise artifact).
 RUN_DATA_KINDS = ("run_test", "category_probe", "detection")
 # Task keys holding paths, checked before anything is built.
-PATH_KEYS = {"zeroshot_folder": ("data", "classnames"), "retrieval_csv": ("csv", "root"),
-             "linear_probe_folder": ("train", "test")}
+PATH_KEYS = {"zeroshot_folder": ("data", "classnames", "root"), "retrieval_csv": ("csv", "root"),
+             "linear_probe_folder": ("train", "test", "root")}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -123,7 +131,8 @@ def suite_tasks(benchmark: DictConfig) -> dict[str, dict]:
         task = OmegaConf.to_container(task, resolve=True)
         kind = task.get("kind")
         if kind not in TASKS:
-            raise ConfigError(f"benchmark.tasks.{name}.kind={kind!r} is unknown; choose from {', '.join(TASKS)}")
+            raise ConfigError(f"benchmark.tasks.{name}.kind={kind!r} is unknown; "
+                              f"choose from {', '.join(TASKS)}")
         for key in PATH_KEYS.get(kind, ()):
             value = task.get(key)
             if value is not None and value != "imagenet" and not Path(value).exists():
@@ -132,10 +141,11 @@ def suite_tasks(benchmark: DictConfig) -> dict[str, dict]:
     return out
 
 
-def create_bundle(model_cfg: DictConfig):
-    """open_clip model + transforms + tokenizer; a ``LaCLIP-*`` name with a non-``.ckpt`` file loads LaCLIP weights."""
-    from ncu.models import factory
+def create_bundle(model_cfg: DictConfig) -> ModelBundle:
+    """open_clip model, transforms and tokenizer of ``model.name`` with ``model.pretrained`` weights.
 
+    A ``LaCLIP-*`` name with a file that is not one of our ``.ckpt`` loads LaCLIP's checkpoint format.
+    """
     name, pretrained = model_cfg.name, model_cfg.get("pretrained")
     if is_laclip_file(model_cfg):
         from ncu.models.laclip import create_laclip
@@ -144,7 +154,7 @@ def create_bundle(model_cfg: DictConfig):
             raise FileNotFoundError(f"model.pretrained={pretrained}: LaCLIP checkpoint not found")
         return create_laclip(name, pretrained)
     aug = OmegaConf.to_container(model_cfg.get("aug") or {}, resolve=True)
-    return factory.create(name, pretrained, aug_cfg=aug)
+    return create(name, pretrained, aug_cfg=aug)
 
 
 def is_laclip_file(model_cfg: DictConfig) -> bool:
@@ -171,10 +181,6 @@ class Context:
         """The model on the evaluation device in eval mode (a Lightning test may have moved it)."""
         return self.model.to(self.device).eval()
 
-    def require_data(self, name: str) -> None:
-        if self.datamodule is None:
-            raise ConfigError(f"task {name!r} needs the run's data module")
-
 
 def pick_device(accelerator: str) -> torch.device:
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -182,7 +188,7 @@ def pick_device(accelerator: str) -> torch.device:
 
 
 def make_context(cfg: DictConfig, tasks: dict[str, dict], out_dir: Path) -> Context:
-    """Rebuild the run (checkpoint) or the pre-trained model; build the data module only when a task needs it."""
+    """Rebuild the run (checkpoint) or the pre-trained model; the data module only when a task needs it."""
     if cfg.ckpt_path == PRETRAINED:
         defaults = OmegaConf.to_container(cfg.run_defaults, resolve=True)
         run_cfg = OmegaConf.create({**defaults, "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -199,7 +205,8 @@ def make_context(cfg: DictConfig, tasks: dict[str, dict], out_dir: Path) -> Cont
                        trainer_kwargs)
     laclip = is_laclip_file(run_cfg.model)
     # build() loads open_clip weights only: LaCLIP weights and transforms are put in after it.
-    bundle, dm, module = build(OmegaConf.merge(run_cfg, {"model": {"pretrained": None}}) if laclip else run_cfg)
+    build_cfg = OmegaConf.merge(run_cfg, {"model": {"pretrained": None}}) if laclip else run_cfg
+    bundle, dm, module = build(build_cfg)
     if laclip:
         lac = create_bundle(run_cfg.model)
         module.model.load_state_dict(lac.model.state_dict())
@@ -214,7 +221,6 @@ def make_context(cfg: DictConfig, tasks: dict[str, dict], out_dir: Path) -> Cont
 
 
 def task_run_test(name: str, task: dict, ctx: Context) -> dict[str, float]:
-    ctx.require_data(name)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(ctx.out_dir), **ctx.trainer_kwargs)
     metrics = test_metrics(trainer, ctx.module, ctx.datamodule, "test")
@@ -265,41 +271,57 @@ def task_digits(name: str, task: dict, ctx: Context) -> dict[str, float]:
     return out
 
 
-def _clean_split(ctx: Context, split: str) -> tuple[list, list[str]]:
-    """Each row's own image of a split (read again: the training split shows shuffled ones) and its category."""
+class SkipTask(Exception):
+    """A task that does not apply to this run (e.g. a streamed training split); the suite goes on."""
+
+
+def _in_memory_split(ctx: Context, split: str):
+    from ncu.data.datamodule import PairDataset
+
+    ds = ctx.datamodule.datasets[split]
+    if not isinstance(ds, PairDataset):
+        raise SkipTask(f"the {split} split is streamed from shards, not held in memory")
+    return ds
+
+
+def _own_images(ctx: Context, split: str) -> tuple[list, list[str]]:
+    """Each row's own image of a split (not the image a noisy training pair shows) and its category."""
     from ncu.data.datamodule import load_image
 
-    frame = ctx.datamodule.datasets[split].frame
+    ds = _in_memory_split(ctx, split)
+    cats = [str(c) for c in ds.frame["category"]]
+    if split != "train":  # clean splits: image_index maps each kept row to its own image
+        return [ds.images[i] for i in ds.image_index], cats
+    if len(ds.images) == len(ds.frame):  # nothing skipped: row k of the frame is image k
+        return list(ds.images), cats
     max_side = ctx.datamodule.data_cfg.get("max_side", 128)
-    images, cats = [], []
-    for path, cat in zip(frame["image"], frame["category"]):
+    images, kept = [], []
+    for path, cat in zip(ds.frame["image"], cats):
         try:
             images.append(load_image(path, max_side))
-        except Exception as e:  # noqa: BLE001 - the data module skips unreadable files the same way
+            kept.append(cat)
+        except Exception as e:  # noqa: BLE001 - skipped like the data module skips unreadable files
             log.warning("skipping unreadable image %s (%s)", path, type(e).__name__)
-            continue
-        cats.append(str(cat))
-    return images, cats
+    return images, kept
 
 
 def task_category_probe(name: str, task: dict, ctx: Context) -> dict[str, float]:
-    ctx.require_data(name)
     bs = task.get("batch_size", 256)
-    train_images, train_cats = _clean_split(ctx, task.get("train_split", "train"))
-    test_images, test_cats = _clean_split(ctx, task.get("test_split", "test"))
+    train_images, train_cats = _own_images(ctx, task.get("train_split", "train"))
+    test_images, test_cats = _own_images(ctx, task.get("test_split", "test"))
     index = {c: i for i, c in enumerate(sorted(set(train_cats) | set(test_cats)))}
     if len(set(train_cats)) < 2:
         raise ConfigError(f"task {name!r}: the training split has fewer than two categories")
     train_labels = torch.tensor([index[c] for c in train_cats])
     test_labels = torch.tensor([index[c] for c in test_cats])
-    out = _probe(_features(ctx, train_images, False, bs), train_labels, _features(ctx, test_images, False, bs),
-                 test_labels, task)
+    train_feats, test_feats = _features(ctx, train_images, False, bs), _features(ctx, test_images, False, bs)
+    out = _probe(train_feats, train_labels, test_feats, test_labels, task)
     return out | {"num_classes": float(len(index))}
 
 
 def batch_nc_scores(v: torch.Tensor, t: torch.Tensor, scale: float, batch_size: int, ratio: float,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair NC scores and flags within ``ceil(N / batch_size)`` near-equal random batches of the pairs."""
+    """Per-pair NC scores and flags within ``ceil(N / batch_size)`` near-equal random batches of pairs."""
     from ncu.objectives.ncu import nc_scores, select_nc
 
     n = len(v)
@@ -320,15 +342,15 @@ def task_detection(name: str, task: dict, ctx: Context) -> dict[str, float]:
     from ncu.eval.plots import score_histogram
     from ncu.objectives.ncu import nc_scores, select_nc
 
-    ctx.require_data(name)
-    ds = ctx.datamodule.datasets["train"]
+    ds = _in_memory_split(ctx, "train")
     model = ctx.ready()
     images = [ds.images[i] for i in ds.image_index]  # the image each caption was trained with
     v = _features(ctx, images, True, task.get("eval_batch_size", 256))
     t = encode_texts(model, ctx.tokenizer, ds.frame["caption"].tolist(), ctx.device, normalize=True)
     noisy = torch.as_tensor(np.asarray(ds.noisy, dtype=bool))
     scale = float(model.logit_scale.detach().exp())
-    ratio = float(ctx.run_cfg.method.get("nc_ratio", 0.1) if task.get("nc_ratio") is None else task["nc_ratio"])
+    ratio = task.get("nc_ratio")
+    ratio = float(ctx.run_cfg.method.get("nc_ratio", 0.1) if ratio is None else ratio)
     scope = task.get("scope", "batch")
     batch_size = int(task.get("batch_size") or ctx.run_cfg.data.batch_size)
     if scope == "batch":
@@ -342,7 +364,10 @@ def task_detection(name: str, task: dict, ctx: Context) -> dict[str, float]:
     within = f"batches of {batch_size}" if scope == "batch" else "the full split"
     title = f"NC scores within {within}: AUROC {out['auroc']:.3f}"
     score_histogram(scores, noisy, ctx.out_dir / f"{name}_scores.png", title=title)
-    return out | {"noise_rate": float(noisy.float().mean()), "nc_ratio": ratio, "num_pairs": float(len(scores))}
+    np.savez(ctx.out_dir / f"{name}_scores.npz", scores=scores.numpy(), noisy=noisy.numpy(),
+             flagged=flagged.numpy())
+    return out | {"noise_rate": float(noisy.float().mean()), "nc_ratio": ratio,
+                  "num_pairs": float(len(scores))}
 
 
 def classification_set(path: str, task: dict):
@@ -374,14 +399,26 @@ def class_prompts(task: dict, names: list[str]) -> tuple[list[str], list]:
         classnames, templates = load_classnames_templates(source)
     if task.get("templates") and source is not None:
         templates = list(task["templates"])
-    if len(classnames) != len(names):
-        raise ConfigError(f"{task.get('data')}: {len(names)} classes in the data but {len(classnames)} class names")
     return classnames, templates
+
+
+def align_labels(ds, classnames: list[str], where: str) -> None:
+    """Make ``ds``'s labels index ``classnames``: by name when every data class is one of them, else by
+    position (sorted folders such as ImageNet's WordNet ids, or integer labels)."""
+    if set(ds.classnames) <= set(classnames):
+        index = {name: i for i, name in enumerate(classnames)}
+        ds.samples = [(image, index[ds.classnames[label]]) for image, label in ds.samples]
+    elif len(ds.classnames) != len(classnames) and not (
+            all(c.isdigit() for c in ds.classnames) and len(ds.classnames) <= len(classnames)):
+        raise ConfigError(f"{where}: {len(ds.classnames)} classes in the data but {len(classnames)} class "
+                          "names, and the data's class names are not among them")
+    ds.classnames = list(classnames)
 
 
 def task_zeroshot_folder(name: str, task: dict, ctx: Context) -> dict[str, float]:
     ds = classification_set(task["data"], task)
     classnames, templates = class_prompts(task, ds.classnames)
+    align_labels(ds, classnames, task["data"])
     feats = _features(ctx, ds.images, True, task.get("batch_size", 64))
     return _zeroshot(ctx, feats, ds.labels, classnames, templates, task.get("topk", [1, 5]))
 
@@ -401,8 +438,8 @@ def task_linear_probe_folder(name: str, task: dict, ctx: Context) -> dict[str, f
     if train.classnames != test.classnames:
         raise ConfigError(f"task {name!r}: train and test sets have different classes")
     bs = task.get("batch_size", 64)
-    return _probe(_features(ctx, train.images, False, bs), train.labels, _features(ctx, test.images, False, bs),
-                  test.labels, task)
+    train_feats, test_feats = _features(ctx, train.images, False, bs), _features(ctx, test.images, False, bs)
+    return _probe(train_feats, train.labels, test_feats, test.labels, task)
 
 
 TASKS: dict[str, Callable[[str, dict, Context], dict[str, float]]] = {
@@ -420,20 +457,28 @@ TASKS: dict[str, Callable[[str, dict, Context], dict[str, float]]] = {
 # Suite runner
 
 
-def run_suite(tasks: dict[str, dict], ctx: Context) -> dict[str, float]:
+def run_suite(tasks: dict[str, dict], ctx: Context) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics of every task (``eval/<task>/<metric>``, plus aliases) and the skipped tasks (with why)."""
     metrics: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     for name, task in tasks.items():
         log.info("evaluating %s (%s)", name, task["kind"])
-        result = {k: float(v) for k, v in TASKS[task["kind"]](name, task, ctx).items()}
+        try:
+            result = {k: float(v) for k, v in TASKS[task["kind"]](name, task, ctx).items()}
+        except SkipTask as e:
+            log.warning("task %s skipped: %s", name, e)
+            skipped[name] = str(e)
+            continue
         metrics |= {f"eval/{name}/{k}": v for k, v in result.items()}
         if task.get("alias_prefix"):
             metrics |= {f"{task['alias_prefix']}/{k}": v for k, v in result.items()}
     for k in ("top1", "top5"):
-        zs = [v for key, v in metrics.items() if key.startswith("eval/") and key.endswith(f"/zeroshot_{k}")
-              and tasks[key.split("/")[1]]["kind"] != "run_test"]
+        # Classification sets only: the run's own test split is not a zero-shot transfer task.
+        zs = [metrics[f"eval/{name}/zeroshot_{k}"] for name, task in tasks.items()
+              if task["kind"] != "run_test" and f"eval/{name}/zeroshot_{k}" in metrics]
         if len(zs) > 1:
             metrics[f"eval/mean/zeroshot_{k}"] = float(np.mean(zs))
-    return metrics
+    return metrics, skipped
 
 
 def _fmt(value: float) -> str:
@@ -460,7 +505,7 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 
 def log_wandb(cfg: DictConfig, run_cfg: DictConfig, metrics: dict[str, float], meta: dict) -> None:
-    """One wandb run with job_type=eval in the training run's group (offline unless configured otherwise)."""
+    """A wandb run with job_type=eval in the training run's group (offline unless configured otherwise)."""
     lcfg = (cfg.get("logger") or {}).get("wandb")
     if lcfg is None:
         return
@@ -468,8 +513,8 @@ def log_wandb(cfg: DictConfig, run_cfg: DictConfig, metrics: dict[str, float], m
 
     group = OmegaConf.select(run_cfg, "logger.wandb.group", default=None) or run_cfg.get("experiment_name")
     try:
-        wandb.init(project=lcfg.get("project", "ncu"), entity=lcfg.get("entity"), group=group, job_type="eval",
-                   name=f"eval-{meta['benchmark']}", dir=meta["out_dir"], config=meta,
+        wandb.init(project=lcfg.get("project", "ncu"), entity=lcfg.get("entity"), group=group,
+                   job_type="eval", name=f"eval-{meta['benchmark']}", dir=meta["out_dir"], config=meta,
                    mode="offline" if lcfg.get("offline", True) else "online")
         wandb.log(metrics)
     finally:
@@ -478,17 +523,21 @@ def log_wandb(cfg: DictConfig, run_cfg: DictConfig, metrics: dict[str, float], m
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluate ``cfg.ckpt_path`` (or ``pretrained``: ``cfg.model``) on ``cfg.benchmark``; writes metrics.json."""
+    """Evaluate ``cfg.ckpt_path`` (``pretrained``: ``cfg.model``) on ``cfg.benchmark``; write metrics.json."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError("ckpt_path is not set: pass ckpt_path=<run_dir>/checkpoints/last.ckpt, or "
+                          "ckpt_path=pretrained model=<name> model.pretrained=<tag or file>")
     tasks = suite_tasks(cfg.benchmark)  # config errors first, before any model or data is loaded
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     ctx = make_context(cfg, tasks, out_dir)
-    metrics = run_suite(tasks, ctx)
-    source = cfg.ckpt_path if cfg.ckpt_path != PRETRAINED else f"{ctx.run_cfg.model.name}:{ctx.run_cfg.model.pretrained}"
-    meta = {"ckpt_path": str(cfg.ckpt_path), "model": str(ctx.run_cfg.model.name),
-            "pretrained": str(ctx.run_cfg.model.pretrained), "benchmark": str(cfg.benchmark.name),
-            "tasks": tasks, "out_dir": str(out_dir)}
+    metrics, skipped = run_suite(tasks, ctx)
+    model = ctx.run_cfg.model
+    source = cfg.ckpt_path if cfg.ckpt_path != PRETRAINED else f"{model.name} ({model.pretrained})"
+    meta = {"ckpt_path": str(cfg.ckpt_path), "model": str(model.name), "pretrained": str(model.pretrained),
+            "benchmark": str(cfg.benchmark.name),
+            "tasks": tasks, "skipped": skipped, "out_dir": str(out_dir)}
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "meta.json", meta)
     if cfg.get("print_table", True):
