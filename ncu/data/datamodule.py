@@ -196,19 +196,11 @@ class ShardLoader(DataLoader):
 def read_shard_samples(shards: Sequence[str], keys: set[str]) -> dict[str, tuple[str, bytes | None, str]]:
     """``{key: (shard, image bytes or None, category)}`` for the samples of ``keys``, in one pass over the
     shards. The category is the ``.json`` field ``category`` when present, else ``"none"``."""
-    from ncu.data.wds import _SHARD_ERRORS, iter_samples, sample_image
+    from ncu.data.wds import sample_image, samples_until_broken
 
     found: dict[str, tuple[str, bytes | None, str]] = {}
     for shard in shards:
-        samples = iter_samples(shard, read_images=True)
-        while True:
-            try:
-                key, parts = next(samples)
-            except StopIteration:
-                break
-            except _SHARD_ERRORS as e:
-                log.warning("shard %s unreadable (%s: %s); moving on", shard, type(e).__name__, e)
-                break
+        for key, parts in samples_until_broken(shard):
             if key not in keys:
                 continue
             ext = sample_image(parts)

@@ -147,6 +147,24 @@ def iter_samples(shard: str, read_images: bool = True) -> Iterator[tuple[str, di
             yield key, parts
 
 
+
+def samples_until_broken(shard: str, read_images: bool = True,
+                         on_error: Callable[[Exception], None] | None = None) -> Iterator[tuple[str, dict]]:
+    """``iter_samples`` that stops at a truncated or unreadable shard (logged, ``on_error`` called) instead
+    of raising, so one bad shard never ends an epoch."""
+    samples = iter_samples(shard, read_images=read_images)
+    while True:
+        try:
+            item = next(samples)
+        except StopIteration:
+            return
+        except _SHARD_ERRORS as e:
+            log.warning("shard %s unreadable (%s: %s); moving on", shard, type(e).__name__, e)
+            if on_error is not None:
+                on_error(e)
+            return
+        yield item
+
 def sample_caption(parts: Mapping[str, bytes]) -> str | None:
     """Cleaned caption of a sample: ``.txt`` first, else the json ``caption``/``text`` field."""
     if "txt" in parts:
@@ -243,17 +261,10 @@ def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | Non
     shard_ids: list[int] = []
     stats = {"samples": 0, "no_image": 0, "no_caption": 0, "bad_shards": 0}
     for sid, shard in enumerate(shards):
-        samples = iter_samples(shard, read_images=False)
-        while True:
-            try:
-                key, parts = next(samples)
-            except StopIteration:
-                break
-            except _SHARD_ERRORS as e:
-                stats["bad_shards"] += 1
-                log.warning("shard %s is unreadable after %d samples (%s: %s)", shard, len(keys),
-                            type(e).__name__, e)
-                break
+        def bad_shard(_: Exception) -> None:
+            stats["bad_shards"] += 1
+
+        for key, parts in samples_until_broken(shard, read_images=False, on_error=bad_shard):
             stats["samples"] += 1
             if sample_image(parts) is None:
                 stats["no_image"] += 1
@@ -441,20 +452,14 @@ class ShardPairs(IterableDataset):
         for j in rng.permutation(len(buf)):
             yield buf[j]
 
+    def _count_bad_shard(self, _: Exception) -> None:
+        self.bad_shards += 1
+
     def _raw_pairs(self, shards: list[str]) -> Iterator[tuple[Any, str, int, str]]:
         """(decoded image, caption, caption row or -1, key of the image) before transform."""
         for shard in shards:
             local = {self._keys[r]: int(r) for r in self._rows_of[shard]} if self._noise else None
-            samples = iter_samples(shard, read_images=True)
-            while True:
-                try:
-                    key, parts = next(samples)
-                except StopIteration:
-                    break
-                except _SHARD_ERRORS as e:
-                    self.bad_shards += 1
-                    log.warning("shard %s unreadable (%s: %s); moving on", shard, type(e).__name__, e)
-                    break
+            for key, parts in samples_until_broken(shard, on_error=self._count_bad_shard):
                 if self._noise:
                     row = local.get(key)
                     if row is None:
