@@ -13,7 +13,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from open_clip.loss import ClipLoss
 

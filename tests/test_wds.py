@@ -7,7 +7,6 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
