@@ -183,6 +183,8 @@ def stage2_ot_problem(
     """
     from ncu.objectives import ncu as ncu_obj
 
+    if math.floor(nc_ratio * n + 1e-9) < 1:
+        raise ValueError(f"nc_ratio={nc_ratio} flags no pair of a batch of {n}: the HN column would get no mass")
     g = torch.Generator().manual_seed(seed)
 
     def unit(*shape: int) -> torch.Tensor:
@@ -242,8 +244,9 @@ def bench_batch(tokenizer: Any, n: int, image_size: int | tuple[int, int], noise
     noisy_idx = [i for i in range(n) if rng.random() < noise_rate]
     moved = noisy_idx[:]
     rng.shuffle(moved)
+    original = list(captions)
     for i, j in zip(noisy_idx, moved):
-        captions[i] = captions[j] if i != j else captions[i]
+        captions[i] = original[j]
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     g = torch.Generator().manual_seed(seed)
     noisy = torch.zeros(n, dtype=torch.bool)
@@ -296,9 +299,18 @@ class _RecordingSolver:
         return self.solver(cost, a, b, mask)
 
 
-def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: torch.device,
-          precision: str = "32", seed: int = 0, out: Callable[[str], None] = print) -> dict[str, float]:
-    """Run the interleaved speed benchmark, print the table and the three ratio lines; return the ratios."""
+@dataclass
+class SpeedSetup:
+    """The speed benchmark's variants, built on one model and one batch."""
+
+    variants: list[Variant]
+    modules: dict[str, Any]
+    batch: dict[str, Any]
+
+
+def speed_setup(model_name: str, batch_size: int, device: torch.device, precision: str = "32",
+                seed: int = 0) -> SpeedSetup:
+    """Model, batch, modules, optimizers and the six variants of :func:`speed` (nothing timed yet)."""
     import open_clip
     from omegaconf import OmegaConf
 
@@ -330,8 +342,10 @@ def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: tor
         clip_mod.detect.reset()
         ncu_mod.detect.reset()
 
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
-           else torch.autocast(device_type=device.type, enabled=False))
+    def amp() -> torch.autocast:
+        if precision == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, enabled=False)
 
     def lightning_variant(name: str, module: CLIPUnlearner, cfg: Any, objective: str) -> Variant:
         stage = stage_of(cfg, objective)
@@ -345,7 +359,7 @@ def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: tor
         def run() -> None:
             # What Lightning's automatic optimisation does per batch (autocast around training_step only).
             opt.zero_grad(set_to_none=True)
-            with amp:
+            with amp():
                 loss = module.training_step(batch, 0)
             loss.backward()
             opt.step()
@@ -370,7 +384,7 @@ def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: tor
 
     def oc_run() -> None:
         oc_opt.zero_grad(set_to_none=True)
-        with amp:
+        with amp():
             img = model.encode_image(batch["image"], normalize=True)
             txt = model.encode_text(batch["text"], normalize=True)
             loss = loss_fn(img, txt, model.logit_scale.exp())
@@ -391,14 +405,22 @@ def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: tor
         ncu_mod.solver = solver
     problem = recorder.last
     _, info = sinkhorn(*problem, reg=solver.reg, max_iter=solver.max_iter, tol=solver.tol, return_info=True)
-    sk_v = Variant("sinkhorn", lambda: solver(*problem), note=f"{info.n_iter} it, {tuple(problem[0].shape)}")
+    sk_v = Variant("sinkhorn", lambda: solver(*problem), note=f"{info.n_iter} it, this batch")
     # The same size with the similarity structure of a trained CLIP (a random-init model's is flatter).
     structured = stage2_ot_problem(batch_size, nc_ratio=ncu_method.get("nc_ratio", 0.1), seed=seed, device=device)
     _, sinfo = sinkhorn(*structured, reg=solver.reg, max_iter=solver.max_iter, tol=solver.tol, return_info=True)
     sks_v = Variant("sinkhorn_structured", lambda: solver(*structured), note=f"{sinfo.n_iter} it, synthetic")
+    return SpeedSetup([clip_v, hn_v, ul_v, sk_v, sks_v, oc_v], {"clip": clip_mod, "ncu": ncu_mod, "model": model},
+                      batch)
 
-    variants = [clip_v, hn_v, ul_v, sk_v, sks_v, oc_v]
+
+def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: torch.device,
+          precision: str = "32", seed: int = 0, out: Callable[[str], None] = print) -> dict[str, float]:
+    """Run the interleaved speed benchmark, print the table and the three ratio lines; return the ratios."""
+    setup = speed_setup(model_name, batch_size, device, precision, seed)
+    variants = setup.variants
     with warnings.catch_warnings():
+        # self.log without a Trainer warns and returns: the steps run without Lightning's logging.
         warnings.filterwarnings("ignore", message=".*self.log.*")
         time_interleaved(variants, steps, warmup, device)
         mem_method = measure_peaks(variants, device)
@@ -520,6 +542,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("32", "bf16"), default=None,
                    help="autocast for every variant (default: bf16 on CUDA as trainer=gpu, 32 on CPU)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     k = sub.add_parser("sinkhorn", help="Sinkhorn time/memory/iterations per global batch size")
     k.add_argument("--sizes", type=_sizes, default=[64, 128, 256, 512, 1024, 2048, 4096])
     k.add_argument("--device", default=None)
@@ -527,6 +551,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--max-iter", type=int, default=100)
     k.add_argument("--tol", type=float, default=1e-4)
     k.add_argument("--nc-ratio", type=float, default=0.1)
+    k.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r = sub.add_parser("robustness", help="the noise-rate x method x seed sweeps and their report")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--run", action="store_true", help="launch the commands (subprocesses, in order)")
@@ -541,15 +566,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "robustness":
         return robustness(args.sweep_dir, args.overrides, args.run)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.command == "sinkhorn":
-        sinkhorn_scaling(args.sizes, device, args.reg, args.max_iter, args.tol, args.nc_ratio)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "sinkhorn":
+            sinkhorn_scaling(args.sizes, device, args.reg, args.max_iter, args.tol, args.nc_ratio)
+            return 0
+        quick = args.quick
+        model = args.model or ("ViT-B-32" if device.type == "cuda" else "ncu-tiny")
+        speed(model, args.batch or (64 if quick else 128), args.steps or (3 if quick else 10),
+              args.warmup if args.warmup is not None else (1 if quick else 2), device,
+              args.precision or ("bf16" if device.type == "cuda" else "32"), args.seed)
         return 0
-    quick = args.quick
-    model = args.model or ("ViT-B-32" if device.type == "cuda" else "ncu-tiny")
-    speed(model, args.batch or (64 if quick else 128), args.steps or (3 if quick else 10),
-          args.warmup if args.warmup is not None else (1 if quick else 2), device,
-          args.precision or ("bf16" if device.type == "cuda" else "32"), args.seed)
-    return 0
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their setting
 
 
 if __name__ == "__main__":

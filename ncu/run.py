@@ -168,7 +168,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     plan = plan_stages(cfg)
     progress = read_progress(run_dir) if cfg.get("resume") == "auto" else {"completed": [], "metrics": {}, "step": 0}
     metrics.update(progress["metrics"])
-    trainer, step = None, progress["step"]
+    trainer, step, fit_metrics = None, progress["step"], {}
     try:
         for index, (name, stage) in enumerate(plan):
             ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
@@ -198,6 +198,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                          stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
                 trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
                 step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                # The last epoch's train/* and val/* (read now: a test run would reset them).
+                fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                               if k.startswith(("train/", "val/")) and v.numel() == 1}
                 trainer.save_checkpoint(ckpt)
                 if cache is not None:
                     copy_atomic(ckpt, cache)
@@ -209,8 +212,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             last = run_dir / "checkpoints" / f"stage{len(plan) - 1}_{plan[-1][0]}.ckpt"
             module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
             trainer = build_trainer(cfg, plan[-1][1], [], run_dir, len(plan) - 1, plan[-1][0], step)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
-                        if k.startswith(("train/", "val/")) and v.numel() == 1})
+        metrics.update(fit_metrics)
         metrics.update({f"data/{k}": float(v) for k, v in dm.stats().items() if isinstance(v, (int, float))})
         metrics.update(test_metrics(trainer, module, dm, "test"))
         for lg in loggers:
