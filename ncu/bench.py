@@ -10,6 +10,9 @@
 - ``sinkhorn``: time, memory and iterations of the stage-2 OT solve for global batches 64..4096, with our
   stopping rule and with all ``max_iter`` iterations.
 - ``robustness``: the sweep commands of the noise-rate x method x seed benchmark and its report.
+
+On CPU the timings use one torch thread by default (``--threads``): ratios then reflect the work done,
+not how a shared machine schedules a second OpenMP thread.
 """
 from __future__ import annotations
 
@@ -542,8 +545,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("32", "bf16"), default=None,
                    help="autocast for every variant (default: bf16 on CUDA as trainer=gpu, 32 on CPU)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine a second OpenMP thread that has to "
+                        "wait for a core slows small ops by orders of magnitude; 0 = torch's choice)")
     k = sub.add_parser("sinkhorn", help="Sinkhorn time/memory/iterations per global batch size")
     k.add_argument("--sizes", type=_sizes, default=[64, 128, 256, 512, 1024, 2048, 4096])
     k.add_argument("--device", default=None)
@@ -551,7 +555,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--max-iter", type=int, default=100)
     k.add_argument("--tol", type=float, default=1e-4)
     k.add_argument("--nc-ratio", type=float, default=0.1)
-    k.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    k.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's choice)")
     r = sub.add_parser("robustness", help="the noise-rate x method x seed sweeps and their report")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--run", action="store_true", help="launch the commands (subprocesses, in order)")
@@ -567,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return robustness(args.sweep_dir, args.overrides, args.run)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads()
-    if args.threads:
+    if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     try:
         if args.command == "sinkhorn":

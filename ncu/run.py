@@ -169,6 +169,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     progress = read_progress(run_dir) if cfg.get("resume") == "auto" else {"completed": [], "metrics": {}, "step": 0}
     metrics.update(progress["metrics"])
     trainer, step, fit_metrics = None, progress["step"], {}
+    n_done = len(progress["completed"])  # stages a previous attempt finished (resume=auto)
     try:
         for index, (name, stage) in enumerate(plan):
             ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
@@ -177,10 +178,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     raise ConfigError(f"resume=auto: {run_dir} ran stage {progress['completed'][index]!r} "
                                       f"where this config has {name!r}")
                 continue
-            if index and index == len(progress["completed"]) and progress["completed"]:
-                # Resuming after a finished stage: start from its weights (prompt included).
-                previous = run_dir / "checkpoints" / f"stage{index - 1}_{plan[index - 1][0]}.ckpt"
-                module.load_state_dict(torch.load(previous, map_location="cpu", weights_only=False)["state_dict"])
+            if index and index == n_done:
+                # Resuming after a finished stage: start from its weights.
+                load_stage_weights(module, run_dir / "checkpoints" / f"stage{index - 1}_{plan[index - 1][0]}.ckpt")
             L.seed_everything(stage_seed(cfg.seed, name), workers=True)
             module.set_stage(name, stage)
             module.stage_index = index
@@ -210,7 +210,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             write_json(run_dir / "progress.json", {**progress, "metrics": metrics, "step": step})
         if trainer is None:  # everything was already done: evaluate the last stage's weights
             last = run_dir / "checkpoints" / f"stage{len(plan) - 1}_{plan[-1][0]}.ckpt"
-            module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
+            load_stage_weights(module, last)
             trainer = build_trainer(cfg, plan[-1][1], [], run_dir, len(plan) - 1, plan[-1][0], step)
         metrics.update(fit_metrics)
         metrics.update({f"data/{k}": float(v) for k, v in dm.stats().items() if isinstance(v, (int, float))})
@@ -229,6 +229,16 @@ def stage_seed(seed: int, stage: str) -> int:
     """Each stage re-seeds from the run seed and its name, so its randomness does not depend on whether
     earlier stages ran here, came from the pre-training cache or from ``model.pretrained``."""
     return seed + int(hashlib.sha1(stage.encode()).hexdigest()[:6], 16) % 100_000
+
+
+def load_stage_weights(module: CLIPUnlearner, path: Path) -> None:
+    """Weights of a finished stage. A pre-training checkpoint may come from a run of another method (the
+    shared cache), so it may lack this method's negation prompt: that alone is allowed to be missing."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    bad = [k for k in list(missing) + list(unexpected) if not k.startswith("prompt.")]
+    if bad:
+        raise RuntimeError(f"{path} does not match this run's model: {bad[:8]}")
 
 
 def read_progress(run_dir: Path) -> dict[str, Any]:
