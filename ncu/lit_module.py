@@ -46,6 +46,18 @@ def text_blocks_to_freeze(model: torch.nn.Module, amount: float | int) -> int:
     return count
 
 
+def _numpy_state_to_safe() -> dict:
+    """numpy's RNG state as tensors and numbers, so checkpoints load with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_safe(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached"]))
+
+
 class CLIPUnlearner(L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, method: dict, optim: dict,
                  config: dict | None = None):
@@ -111,7 +123,7 @@ class CLIPUnlearner(L.LightningModule):
         checkpoint["ncu_stage_index"] = self.stage_index
         checkpoint["ncu_stage_name"] = self.stage_name
         checkpoint["ncu_rng"] = {
-            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state_to_safe(),
             "perturber": self.perturber.rng.getstate() if self.perturber is not None else None,
             "template": self.template_rng.getstate(),
         }
@@ -122,7 +134,7 @@ class CLIPUnlearner(L.LightningModule):
             return
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        _numpy_state_from_safe(rng["numpy"])
         if self.perturber is not None and rng["perturber"] is not None:
             self.perturber.rng.setstate(rng["perturber"])
         self.template_rng.setstate(rng["template"])
