@@ -64,3 +64,15 @@ def test_cli_invalid_rate_is_one_line(tmp_path):
     assert proc.returncode != 0
     err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert err == ["error: noise.rate=1.5 is invalid: it must be a number in [0, 1)"]
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_every_sweep_composes_as_a_multirun(sweep):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode).endswith("MULTIRUN") and len(cfg.hydra.sweeper.params) >= 1
+    assert cfg.experiment_name == sweep

@@ -189,3 +189,19 @@ def test_gpu_for_job_gives_each_worker_its_own_gpu():
     finally:
         release.set()
         fourth.join(20)
+
+
+def test_optuna_lr_sweep_composes_with_log_search_spaces(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["sweep=optuna_lr"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"method.stages.hn.lr", "method.stages.hn.groups.prompt.lr",
+                                   "method.stages.unlearn.lr"}
+    assert all(str(v).startswith("tag(log") for v in sweeper.params.values())
