@@ -476,10 +476,10 @@ def sinkhorn_scaling(sizes: Sequence[int], device: torch.device, reg: float = 0.
     rows = []
     for n in sizes:
         problem = stage2_ot_problem(n, nc_ratio=nc_ratio, seed=seed, device=device)
-        t_rule, (plan, info) = timed(lambda: sinkhorn(*problem, reg=reg, max_iter=max_iter, tol=tol,
+        t_rule, (plan, info) = timed(lambda p=problem: sinkhorn(*p, reg=reg, max_iter=max_iter, tol=tol,
                                                        return_info=True))
         # All iterations: a single convergence check, on the last one.
-        t_all, (plan_all, _) = timed(lambda: sinkhorn(*problem, reg=reg, max_iter=max_iter, tol=tol,
+        t_all, (plan_all, _) = timed(lambda p=problem: sinkhorn(*p, reg=reg, max_iter=max_iter, tol=tol,
                                                       return_info=True, check_every=max_iter))
         with PeakMemory(device) as pm:
             sinkhorn(*problem, reg=reg, max_iter=max_iter, tol=tol)

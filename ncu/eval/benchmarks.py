@@ -224,7 +224,21 @@ def _open(image: ImageLike) -> Image.Image:
     return image.convert("RGB") if isinstance(image, Image.Image) else load_image(str(image))
 
 
-@torch.no_grad()
+def _encode_in_batches(model: torch.nn.Module, n: int, batch_size: int, encode: Callable[[int, int], Tensor],
+                       what: str) -> Tensor:
+    """``encode(start, stop)`` over [0, n) in eval mode (the model's mode is restored), float32 on CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chunks = [encode(i, i + batch_size).float().cpu() for i in range(0, n, batch_size)]
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError(f"no {what} to encode")
+    return torch.cat(chunks)
+
+
 def encode_images(
     model: torch.nn.Module,
     preprocess: Callable[[Image.Image], Tensor],
@@ -234,21 +248,14 @@ def encode_images(
     normalize: bool = True,
 ) -> Tensor:
     """Image embeddings (N, d), float32 on CPU, computed in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([preprocess(_open(im)) for im in images[start : start + batch_size]])
-            chunks.append(model.encode_image(batch.to(device), normalize=normalize).float().cpu())
-    finally:
-        model.train(was_training)
-    if not chunks:
-        raise ValueError("no images to encode")
-    return torch.cat(chunks)
+
+    def encode(i: int, j: int) -> Tensor:
+        batch = torch.stack([preprocess(_open(im)) for im in images[i:j]])
+        return model.encode_image(batch.to(device), normalize=normalize)
+
+    return _encode_in_batches(model, len(images), batch_size, encode, "images")
 
 
-@torch.no_grad()
 def encode_texts(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], Tensor],
@@ -258,18 +265,11 @@ def encode_texts(
     normalize: bool = True,
 ) -> Tensor:
     """Text embeddings (N, d), float32 on CPU, computed in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
-            chunks.append(model.encode_text(tokens, normalize=normalize).float().cpu())
-    finally:
-        model.train(was_training)
-    if not chunks:
-        raise ValueError("no texts to encode")
-    return torch.cat(chunks)
+
+    def encode(i: int, j: int) -> Tensor:
+        return model.encode_text(tokenizer(list(texts[i:j])).to(device), normalize=normalize)
+
+    return _encode_in_batches(model, len(texts), batch_size, encode, "texts")
 
 
 # ---------------------------------------------------------------------------------------------------------
