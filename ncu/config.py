@@ -15,7 +15,8 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and the problem."""
 
 
-def _stage_list(cfg: DictConfig) -> list[tuple[str, dict]]:
+def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
+    """The run's ordered stages ``[(name, settings)]``: pre-training (when enabled) then the method's."""
     defaults = OmegaConf.to_container(cfg.optim.stage_defaults, resolve=True)
     plan = []
     enabled = cfg.pretrain.enabled
@@ -29,11 +30,6 @@ def _stage_list(cfg: DictConfig) -> list[tuple[str, dict]]:
         if cap is not None:
             stage["epochs"] = min(stage["epochs"], cap)
     return plan
-
-
-def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
-    """The run's ordered stages ``[(name, settings)]``: pre-training (when enabled) then the method's."""
-    return _stage_list(cfg)
 
 
 def _local_multirun() -> bool:

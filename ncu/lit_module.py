@@ -20,7 +20,7 @@ from ncu import stages
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
-from ncu.models.negation import NegationPrompt, build_negated_tokens, negated_text_features
+from ncu.models.negation import NegationPrompt, build_negated_tokens, negated_text_features, text_tower
 from ncu.objectives import baselines
 from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
@@ -38,8 +38,7 @@ def text_prefix(model: torch.nn.Module) -> str:
 
 def text_blocks_to_freeze(model: torch.nn.Module, amount: float | int) -> int:
     """``amount`` as a block count (int) or a fraction of the text blocks (float < 1, rounded)."""
-    tower = model if hasattr(model, "token_embedding") else model.text
-    n = len(tower.transformer.resblocks)
+    n = len(text_tower(model).transformer.resblocks)
     count = round(amount * n) if isinstance(amount, float) and amount < 1 else int(amount)
     if not 0 <= count <= n:
         raise ValueError(f"freeze_text_blocks={amount!r}: the text tower has {n} blocks")
