@@ -164,7 +164,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     write_json(run_dir / "noise_meta.json", {**art.meta, "artifact_dir": str(dm.noise_folder)})
     loggers = build_loggers(cfg)
     for lg in loggers:
-        lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **{k: v for k, v in metrics.items()}})
+        lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **metrics})
     plan = plan_stages(cfg)
     progress = read_progress(run_dir) if cfg.get("resume") == "auto" else {"completed": [], "metrics": {}, "step": 0}
     metrics.update(progress["metrics"])
@@ -173,7 +173,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         for index, (name, stage) in enumerate(plan):
             ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
-            if index < len(progress["completed"]):
+            if index < n_done:
                 if progress["completed"][index] != name:
                     raise ConfigError(f"resume=auto: {run_dir} ran stage {progress['completed'][index]!r} "
                                       f"where this config has {name!r}")
