@@ -123,3 +123,15 @@ def test_robustness_sweep_config_covers_rates_methods_and_seeds():
     assert str(params["noise.rate"]).split(",") == ["0.2", "0.4", "0.6"]
     assert set(str(params["method"]).split(",")) == {"pretrain_only", "clip", "filter", "grad_ascent", "ncu"}
     assert str(params["seed"]).split(",") == ["0", "1", "2"]
+
+
+def test_robustness_jobs_use_the_joblib_launcher_with_one_thread_share_each(capsys, monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    assert bench.main(["robustness", "--jobs", "4", "--sweep-dir", "logs/x"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    launcher = "hydra/launcher=joblib hydra.launcher.n_jobs=4"
+    assert lines == [
+        f"OMP_NUM_THREADS=2 python train.py sweep=pretrain noise.rate=0.2,0.4,0.6 {launcher}",
+        f"OMP_NUM_THREADS=2 python train.py sweep=noise_rates hydra.sweep.dir=logs/x {launcher}",
+        "OMP_NUM_THREADS=2 python -m ncu.report logs/x",
+    ]
