@@ -140,8 +140,9 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def single_log_stream() -> None:
-    """Lightning adds its own console handler; with Hydra's root handler every line would print twice."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    """Lightning adds console handlers (``lightning`` and its subpackages); with Hydra's root handler every
+    line would print twice."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         if logging.getLogger().handlers:
             for handler in list(logger.handlers):

@@ -105,3 +105,21 @@ def test_wandb_offline_run_logs_config_group_and_dashboard_images(tmp_path, monk
     # the full resolved config (with the Hydra choices), the experiment as group, the config choices as tags
     for needle in (b"hydra_choices", b"realised_rate", b"smoke", b"rate0.4", b"ncu-micro"):
         assert needle in record, needle
+
+
+def test_lightning_lines_reach_the_console_once_under_a_root_handler():
+    import logging
+
+    from ncu.run import single_log_stream
+
+    root_handler = logging.NullHandler()
+    logging.getLogger().addHandler(root_handler)
+    try:
+        single_log_stream()
+        chain, logger = [], logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        while logger is not None:
+            chain += [(logger.name, h) for h in logger.handlers]
+            logger = logger.parent if logger.propagate else None
+        assert chain and all(name == "root" for name, _ in chain), chain
+    finally:
+        logging.getLogger().removeHandler(root_handler)
