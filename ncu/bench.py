@@ -498,6 +498,9 @@ def sinkhorn_scaling(sizes: Sequence[int], device: torch.device, reg: float = 0.
 # ----------------------------------------------------------------------------------------------- robustness
 
 
+ROBUSTNESS_METRICS = "test/rsum,test/zeroshot_top1,pretrain/rsum,train/nc_auroc,train/nc_precision"
+
+
 def robustness_commands(sweep_dir: str, overrides: Sequence[str] = (), python: str = "python",
                         jobs: int = 1) -> list[list[str]]:
     """Pre-train once per (noise rate, seed), run noise rate x method x seed, then the results table.
@@ -510,7 +513,7 @@ def robustness_commands(sweep_dir: str, overrides: Sequence[str] = (), python: s
     return [
         [python, "train.py", "sweep=pretrain", "noise.rate=0.2,0.4,0.6", *extra],
         [python, "train.py", "sweep=noise_rates", f"hydra.sweep.dir={sweep_dir}", *extra],
-        [python, "-m", "ncu.report", sweep_dir],
+        [python, "-m", "ncu.report", sweep_dir, "--metrics", ROBUSTNESS_METRICS, "--gain"],
     ]
 
 

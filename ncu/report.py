@@ -258,6 +258,21 @@ def summarise(
     return pd.DataFrame(rows, columns=[*order, "n", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
 
 
+def add_gains(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """Add ``gain/<m> = test/<m> - pretrain/<m>`` columns to ``df`` (per run); returns their names."""
+    names = []
+    for m in metrics:
+        base = m.removeprefix("test/")
+        if m == base or f"pretrain/{base}" not in df.columns:
+            continue
+        name = f"gain/{base}"
+        df[name] = pd.to_numeric(df[m], errors="coerce") - pd.to_numeric(df[f"pretrain/{base}"], errors="coerce")
+        names.append(name)
+    if not names:
+        raise ReportError("--gain needs test/<metric> chosen and pretrain/<metric> in the runs' metrics.json")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -359,11 +374,15 @@ def write_report(
     seed_key: str = "seed",
     ignore: Iterable[str] = (),
     plots: bool = True,
+    gain: bool = False,
 ) -> dict[str, Path]:
     """Collect, summarise and write ``results.csv``, ``results.md`` and the plots.
 
-    ``metrics=None`` picks the headline metrics (``all_metrics`` every metric). Missing jobs are listed
-    on stderr. Returns ``{"csv": ..., "md": ..., "plot:<metric>": ...}``."""
+    ``metrics=None`` picks the headline metrics (``all_metrics`` every metric). ``gain`` adds, for each
+    chosen ``test/<m>`` whose run also has ``pretrain/<m>``, the per-run difference ``gain/<m>``: every run
+    starts from its own seed's pre-trained model, so the paired gain is free of the spread between
+    pre-training seeds. Missing jobs are listed on stderr. Returns ``{"csv": ..., "md": ...,
+    "plot:<metric>": ...}``."""
     root = Path(sweep_dir)
     df = collect(root)
     missing = df.attrs["missing"]
@@ -383,6 +402,8 @@ def write_report(
         chosen = list(metrics)
     if not chosen:
         raise ReportError(f"no metrics in the {METRICS} files under {root}")
+    if gain:
+        chosen += add_gains(df, chosen)
     keys = swept_keys(df, seed_key=seed_key, ignore=ignore)
     summary = summarise(df, keys, chosen, seed_key=seed_key)
     out = Path(out_dir) if out_dir is not None else root
@@ -409,12 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ignore", action="append", default=[],
                         help="override keys (comma-separated, glob patterns) never used for grouping")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--gain", action="store_true",
+                        help="also report gain/<m> = test/<m> - pretrain/<m> per run (paired with its own start)")
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     ignore = [k.strip() for item in args.ignore for k in item.split(",") if k.strip()]
     try:
         written = write_report(args.sweep_dir, args.out, metrics, all_metrics=args.all_metrics,
-                               seed_key=args.seed_key, ignore=ignore, plots=not args.no_plots)
+                               seed_key=args.seed_key, ignore=ignore, plots=not args.no_plots,
+                               gain=args.gain)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -105,7 +105,7 @@ def test_robustness_dry_run_prints_the_sweeps_and_the_report(capsys):
     assert lines == [
         "python train.py sweep=pretrain noise.rate=0.2,0.4,0.6 trainer=gpu",
         "python train.py sweep=noise_rates hydra.sweep.dir=logs/x trainer=gpu",
-        "python -m ncu.report logs/x",
+        f"python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain",
     ]
 
 
@@ -133,5 +133,5 @@ def test_robustness_jobs_use_the_joblib_launcher_with_one_thread_share_each(caps
     assert lines == [
         f"OMP_NUM_THREADS=2 python train.py sweep=pretrain noise.rate=0.2,0.4,0.6 {launcher}",
         f"OMP_NUM_THREADS=2 python train.py sweep=noise_rates hydra.sweep.dir=logs/x {launcher}",
-        "OMP_NUM_THREADS=2 python -m ncu.report logs/x",
+        f"OMP_NUM_THREADS=2 python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain",
     ]

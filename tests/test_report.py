@@ -176,3 +176,21 @@ def test_cli_subprocess(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "| clip | 0.2 | 3 |" in proc.stdout and (tmp_path / "results.csv").is_file()
+
+
+def test_gain_is_the_per_run_difference_from_its_own_pretrained_model(tmp_path: Path) -> None:
+    # Two seeds whose starting points differ by far more than the methods' effect: the paired gain sees
+    # the effect (+1 and +3 for ncu, -2 twice for clip), the unpaired means do not.
+    starts = {0: 100.0, 1: 200.0}
+    effect = {("ncu", 0): 1.0, ("ncu", 1): 3.0, ("clip", 0): -2.0, ("clip", 1): -2.0}
+    for (method, seed), delta in effect.items():
+        _job(tmp_path, f"{method}_{seed}", [f"method={method}", f"seed={seed}"],
+             {"test/rsum": starts[seed] + delta, "pretrain/rsum": starts[seed], "test/other": 1.0})
+    written = report.write_report(tmp_path, metrics=["test/rsum", "test/other"], gain=True, plots=False)
+    csv = pd.read_csv(written["csv"]).set_index("method")
+    assert csv.loc["ncu", "gain/rsum_mean"] == pytest.approx(2.0)
+    assert csv.loc["ncu", "gain/rsum_std"] == pytest.approx(math.sqrt(2.0))
+    assert csv.loc["clip", "gain/rsum_mean"] == pytest.approx(-2.0) and csv.loc["clip", "gain/rsum_std"] == 0.0
+    assert "gain/other_mean" not in csv.columns  # no pretrain/other to pair with
+    with pytest.raises(report.ReportError, match="--gain needs"):
+        report.write_report(tmp_path, metrics=["test/other"], gain=True, plots=False)
