@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ncu.callbacks import DashboardImages
 from ncu.config import ConfigError, plan_stages, validate
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
+from ncu.files import atomic_path
 from ncu.lit_module import CLIPUnlearner
 from ncu.models import factory
 
@@ -104,11 +105,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file and rename: a kill during a save never corrupts ``last.ckpt``."""
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def test_metrics(trainer: L.Trainer, module: CLIPUnlearner, dm: PairDataModule, prefix: str) -> dict[str, float]:
@@ -133,10 +131,8 @@ def print_table(metrics: dict[str, float]) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write at once
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def single_log_stream() -> None:
@@ -252,8 +248,6 @@ def read_progress(run_dir: Path) -> dict[str, Any]:
 
 def mid_stage_checkpoint(run_dir: Path, index: int) -> str | None:
     """``last.ckpt`` when it was written during stage ``index`` (an interrupted stage), else None."""
-    import torch
-
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
@@ -282,10 +276,8 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict) -> Path | None:
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def finish_wandb() -> None:

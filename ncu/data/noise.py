@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ncu.files import atomic_path
+
 PROTOCOLS = ("none", "caption", "image", "random_replace", "semantic")
 
 
@@ -183,16 +185,13 @@ class NoiseArtifact:
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Write to temporary names then rename: an interrupted save never leaves a half artifact.
+        # Each file is written atomically and meta.json last: a folder with meta.json holds a whole artifact.
         for name, arr in (("perm.npy", self.perm), ("noisy_mask.npy", self.noisy_mask),
                           ("keys.npy", self.keys.astype(str))):
-            tmp = folder / f".{name}.{os.getpid()}.tmp.npy"  # per process: sweep jobs may share an artifact
-            np.save(tmp, arr)
-            os.replace(tmp, folder / name)
-        tmp = folder / f".meta.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=2))
-        os.replace(tmp, folder / "meta.json")
+            with atomic_path(folder / name) as tmp:
+                np.save(tmp, arr)
+        with atomic_path(folder / "meta.json") as tmp:
+            tmp.write_text(json.dumps(self.meta, indent=2))
         return folder
 
     @classmethod

@@ -45,6 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ncu.data.datamodule import load_image
 from ncu.data.sources import clean_caption
+from ncu.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +220,11 @@ def save_index(index: pd.DataFrame, path: str | os.PathLike) -> None:
     shards = [str(s) for s in index["shard"].cat.categories]
     kb, ko = _pack(index["key"].tolist())
     cb, co = _pack(index["caption"].tolist())
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an interrupted save never leaves a half cache
         np.savez(f, keys=kb, key_offsets=ko, captions=cb, caption_offsets=co,
                  shard_id=index["shard"].cat.codes.to_numpy().astype(np.int32),
                  shards=np.asarray(json.dumps(shards)), shard_sizes=_shard_sizes(shards),
                  stats=np.asarray(json.dumps(index.attrs.get("stats", {}))))
-    os.replace(tmp, path)  # an interrupted save never leaves a half-written cache
 
 
 def load_index(path: str | os.PathLike, shards: Sequence[str] | None = None) -> pd.DataFrame | None:
