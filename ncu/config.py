@@ -61,25 +61,17 @@ def validate(cfg: DictConfig) -> None:
         if not path or not Path(path).is_file():
             raise ConfigError(f"data.path={path!r}: file not found (data=csv needs a CSV/TSV of pairs)")
         # Only the header row: a wrong column name fails here, before any image is read.
-        import csv
-
         import pandas as pd
 
-        from ncu.data.sources import _separator
+        from ncu.data.sources import require_columns
 
-        sep = _separator(Path(path), cfg.data.get("sep"))
+        roles = {f"data.{r}": cfg.data.get(r) for r in ("image_key", "caption_key", "category_key", "key_key")}
         try:
-            header = pd.read_csv(path, sep=sep, nrows=0, dtype=str,
-                                 quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+            require_columns(path, cfg.data.get("sep"), roles, sep_hint="set data.sep")
         except pd.errors.EmptyDataError:
             raise ConfigError(f"data.path={path!r}: the file is empty (a header row is needed)") from None
-        found = [str(c) for c in header.columns]
-        for role in ("image_key", "caption_key", "category_key", "key_key"):
-            column = cfg.data.get(role)
-            if column is not None and column not in found:
-                hint = " (one column only: wrong separator? set data.sep)" if len(found) == 1 else ""
-                raise ConfigError(f"data.path={path!r}: column {column!r} (data.{role}) not found; "
-                                  f"columns found: {found}{hint}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None  # names the file, the column, its data.* key and those found
     elif cfg.data.get("source") == "wds":
         from ncu.data.wds import expand_shards
 

@@ -53,7 +53,7 @@ def _separator(path: Path, sep: str | None) -> str:
 
 
 def _read_table(path: str | os.PathLike, sep: str | None,
-                names: list[str] | None) -> tuple[pd.DataFrame, Path]:
+                names: list[str] | None, nrows: int | None = None) -> tuple[pd.DataFrame, Path]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"pair table not found: {path}")
@@ -61,16 +61,23 @@ def _read_table(path: str | os.PathLike, sep: str | None,
     # TSV captions contain bare quotes (CC3M): quoting would swallow tabs and rows, so it is off for tabs.
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting,
-                     header=None if names else "infer", names=names)
+                     header=None if names else "infer", names=names, nrows=nrows)
     return df, path
 
 
-def _require(df: pd.DataFrame, path: Path, **columns: str | None) -> None:
+def _require(df: pd.DataFrame, path: Path, columns: dict[str, str | None], sep_hint: str = "pass sep=") -> None:
     for role, name in columns.items():
         if name is not None and name not in df.columns:
             found = [str(c) for c in df.columns]
-            hint = " (one column only: wrong separator? pass sep=)" if len(found) == 1 else ""
+            hint = f" (one column only: wrong separator? {sep_hint})" if len(found) == 1 else ""
             raise ValueError(f"{path}: column {name!r} ({role}) not found; columns found: {found}{hint}")
+
+
+def require_columns(path: str | os.PathLike, sep: str | None, columns: dict[str, str | None],
+                    sep_hint: str = "pass sep=") -> None:
+    """Check ``{role: column}`` against the header row only, so a wrong name fails before any row is read."""
+    df, path = _read_table(path, sep, None, nrows=0)
+    _require(df, path, columns, sep_hint)
 
 
 def _resolve(p: Any, base: Path) -> str | None:
@@ -103,8 +110,8 @@ def read_pairs_csv(
     ``missing_image_paths`` (rows with an empty image cell, dropped).
     """
     df, path = _read_table(path, sep, names)
-    _require(df, path, image_key=image_key, caption_key=caption_key, category_key=category_key,
-             key_key=key_key)
+    _require(df, path, {"image_key": image_key, "caption_key": caption_key, "category_key": category_key,
+                        "key_key": key_key})
     base = path.parent
     stats = {"rows": len(df), "kept": 0, "empty_captions": 0, "non_string_captions": 0,
              "missing_image_paths": 0}
@@ -142,16 +149,18 @@ def read_retrieval_csv(
     image_key: str = "image_path",
     caption_key: str = "caption",
     sep: str | None = None,
+    root: str | os.PathLike | None = None,
 ) -> tuple[list[str], list[str], np.ndarray]:
     """Retrieval test set, one row per (image, caption) as in Flickr30K/MSCOCO Karpathy-split tables.
 
     An image has several rows, consecutive or not. Returns ``(images, captions, text_to_image)``: images are
     unique in first-appearance order, ``text_to_image[j]`` is the index in ``images`` of caption j.
-    Rows with an empty caption or image cell are dropped (logged).
+    Relative image paths are resolved against ``root`` (default: the table's folder). Rows with an empty
+    caption or image cell are dropped (logged).
     """
     df, path = _read_table(path, sep, None)
-    _require(df, path, image_key=image_key, caption_key=caption_key)
-    base = path.parent
+    _require(df, path, {"image_key": image_key, "caption_key": caption_key})
+    base = Path(root).expanduser() if root is not None else path.parent
     images: list[str] = []
     position: dict[str, int] = {}
     captions: list[str] = []

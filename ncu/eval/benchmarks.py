@@ -315,22 +315,15 @@ def read_retrieval_csv(
     image_key: str,
     caption_key: str,
     root: str | os.PathLike | None = None,
-    sep: str = ",",
+    sep: str | None = None,
 ) -> RetrievalSet:
-    """One row per (image, caption) -> unique images in first-appearance order, captions in row order.
+    """:func:`ncu.data.sources.read_retrieval_csv` as a :class:`RetrievalSet`: unique images in
+    first-appearance order, captions in row order, relative paths against ``root`` (default: the CSV's
+    folder)."""
+    from ncu.data.sources import read_retrieval_csv as read_table
 
-    Rows of one image need not be adjacent. Relative paths are resolved against ``root`` (default: the
-    CSV's folder).
-    """
-    frame = _read_csv(csv_path, [image_key, caption_key], sep)
-    root = Path(root) if root is not None else Path(csv_path).parent
-    position: dict[str, int] = {}
-    text_to_image = []
-    for path in frame[image_key]:
-        text_to_image.append(position.setdefault(path, len(position)))
-    images = [_resolve(root, p) for p in position]  # dicts keep insertion order
-    captions = [str(c) for c in frame[caption_key]]
-    return RetrievalSet(images, captions, torch.tensor(text_to_image, dtype=torch.long))
+    images, captions, text_to_image = read_table(csv_path, image_key, caption_key, sep, root)
+    return RetrievalSet(images, captions, torch.from_numpy(text_to_image))
 
 
 def coco_1k_5k(
