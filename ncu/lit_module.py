@@ -166,7 +166,7 @@ class CLIPUnlearner(L.LightningModule):
         scores = ncu_obj.nc_scores(v, t, s)
         flagged = ncu_obj.select_nc(scores, m.get("nc_ratio", 0.1))
         self.detect.update(scores, noisy, flagged)
-        self._scores.append((scores.detach().cpu(), noisy.detach().cpu()))
+        self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step
         parts: dict[str, torch.Tensor] = {}
         tn = None
         if objective == "clip" and m.get("local_loss") and self._trainer is not None and self.trainer.world_size > 1:
@@ -217,7 +217,7 @@ class CLIPUnlearner(L.LightningModule):
         for k, val in self.detect.compute().items():
             self.log(f"train/nc_{k}", val)
         self.detect.reset()
-        self.epoch_scores = (torch.cat([s for s, _ in self._scores]), torch.cat([n for _, n in self._scores]))
+        self.epoch_scores = (torch.cat([s for s, _ in self._scores]).cpu(), torch.cat([n for _, n in self._scores]).cpu())
 
     # ----- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:
