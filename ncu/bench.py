@@ -227,13 +227,12 @@ def compose_method(method: str) -> Any:
 
 
 def stage_of(cfg: Any, objective: str) -> dict:
-    """The method's stage with this objective, merged over ``optim.stage_defaults`` as a run merges it."""
-    from omegaconf import OmegaConf
+    """The method's stage with this objective (not pre-training), as the run plans it."""
+    from ncu.config import plan_stages
 
-    defaults = OmegaConf.to_container(cfg.optim.stage_defaults, resolve=True)
-    for stage in OmegaConf.to_container(cfg.method.stages, resolve=True).values():
-        if stage is not None and stage["objective"] == objective:
-            return {**defaults, **stage}
+    for name, stage in plan_stages(cfg):
+        if name != "pretrain" and stage["objective"] == objective:
+            return stage
     raise KeyError(f"method {cfg.method.name!r} has no stage with objective {objective!r}")
 
 
@@ -272,16 +271,6 @@ def model_image_size(name: str, model: torch.nn.Module) -> int | tuple[int, int]
     return tuple(size) if isinstance(size, (list, tuple)) else int(size)
 
 
-def make_optimizer(module: torch.nn.Module, stage: dict, optim: dict) -> torch.optim.Optimizer:
-    """The stage's AdamW, built as ``CLIPUnlearner.configure_optimizers`` builds it (no schedule)."""
-    from ncu import stages
-
-    groups = stages.param_groups(module, stage.get("groups") or {}, stage.get("weight_decay", 0.0),
-                                 optim.get("no_decay", []), stage["lr"])
-    return torch.optim.AdamW(groups, lr=stage["lr"], betas=tuple(optim.get("betas", (0.9, 0.98))),
-                             eps=optim.get("eps", 1e-8))
-
-
 def open_clip_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """open_clip's training-script split: no weight decay on gains, biases and the logit scale."""
     def exclude(n: str, p: torch.nn.Parameter) -> bool:
@@ -318,6 +307,7 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
     import open_clip
     from omegaconf import OmegaConf
 
+    from ncu import stages
     from ncu.lit_module import LOG_SCALE_MAX, CLIPUnlearner
     from ncu.models import factory
     from ncu.ot import sinkhorn
@@ -354,7 +344,7 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
     def lightning_variant(name: str, module: CLIPUnlearner, cfg: Any, objective: str) -> Variant:
         stage = stage_of(cfg, objective)
         module.set_stage(objective, stage)
-        opt = make_optimizer(module, stage, optim)
+        opt = stages.make_adamw(module, stage, optim)  # as CLIPUnlearner.configure_optimizers, no schedule
 
         def prepare() -> None:
             restore()

@@ -107,11 +107,8 @@ class CLIPUnlearner(L.LightningModule):
         return stages.set_trainable(self, stage.get("train", ["*"]), freeze, stage.get("unfreeze", []))
 
     def configure_optimizers(self):
-        st, opt = self.stage, self.optim
-        groups = stages.param_groups(self, st.get("groups") or {}, st.get("weight_decay", 0.0),
-                                     opt.get("no_decay", []), st["lr"])
-        optimizer = torch.optim.AdamW(groups, lr=st["lr"], betas=tuple(opt.get("betas", (0.9, 0.98))),
-                                      eps=opt.get("eps", 1e-8))
+        st = self.stage
+        optimizer = stages.make_adamw(self, st, self.optim)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = stages.make_scheduler(optimizer, total, st.get("warmup", 0), st.get("min_lr_ratio", 0.0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -66,6 +66,14 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_adamw(module: nn.Module, stage: dict, optim: dict) -> torch.optim.AdamW:
+    """The stage's AdamW over :func:`param_groups` (betas and eps from the ``optim`` config)."""
+    groups = param_groups(module, stage.get("groups") or {}, stage.get("weight_decay", 0.0),
+                          optim.get("no_decay", []), stage["lr"])
+    return torch.optim.AdamW(groups, lr=stage["lr"], betas=tuple(optim.get("betas", (0.9, 0.98))),
+                             eps=optim.get("eps", 1e-8))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float | int,
                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """``warmup`` < 1 is a fraction of the stage's steps, otherwise a step count."""
