@@ -12,8 +12,9 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
 import ncu.data.wds as wds
+from ncu.data.datamodule import throughput
 from ncu.data.noise import build_or_load, make_noise
-from ncu.data.wds import ShardPairs, build_index, expand_shards, throughput
+from ncu.data.wds import ShardPairs, build_index, expand_shards
 
 N_SHARDS, PER_SHARD = 5, 6
 

@@ -196,7 +196,7 @@ class ShardLoader(DataLoader):
 def read_shard_samples(shards: Sequence[str], keys: set[str]) -> dict[str, tuple[str, bytes | None, str]]:
     """``{key: (shard, image bytes or None, category)}`` for the samples of ``keys``, in one pass over the
     shards. The category is the ``.json`` field ``category`` when present, else ``"none"``."""
-    from ncu.data.wds import sample_image, samples_until_broken
+    from ncu.data.wds import sample_image, sample_meta, samples_until_broken
 
     found: dict[str, tuple[str, bytes | None, str]] = {}
     for shard in shards:
@@ -204,14 +204,8 @@ def read_shard_samples(shards: Sequence[str], keys: set[str]) -> dict[str, tuple
             if key not in keys:
                 continue
             ext = sample_image(parts)
-            category = "none"
-            if "json" in parts:
-                try:
-                    meta = json.loads(parts["json"].decode("utf-8", errors="replace"))
-                except ValueError:
-                    meta = None
-                if isinstance(meta, dict) and isinstance(meta.get("category"), str) and meta["category"].strip():
-                    category = meta["category"].strip()
+            category = sample_meta(parts).get("category")
+            category = category.strip() if isinstance(category, str) and category.strip() else "none"
             found[key] = (shard, parts[ext] if ext else None, category)
     return found
 
@@ -417,7 +411,7 @@ class PairDataModule(L.LightningDataModule):
         return torch.tensor([index[c] for c in cats], dtype=torch.long)
 
 
-def _batch_size_of(batch: Any) -> int:
+def batch_size_of(batch: Any) -> int:
     if isinstance(batch, dict):
         return len(batch["caption"])
     return len(batch)
@@ -443,7 +437,7 @@ class DataStatsCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._pairs += _batch_size_of(batch)
+        self._pairs += batch_size_of(batch)
         self._t1 = time.perf_counter()
 
     def _sum_over_ranks(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> float:
@@ -467,19 +461,23 @@ class DataStatsCallback(L.Callback):
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
 
 
-def loader_throughput(dm: PairDataModule, n_batches: int = 20) -> dict[str, float]:
-    """Pure loader speed: pairs per second delivered by ``dm.train_dataloader()`` (decoding, transform,
-    tokenisation and collation; no model), over ``n_batches`` batches or one pass, whichever ends first.
-    Includes starting the worker processes. For the in-memory sources the images were decoded in
-    ``setup``: time that separately."""
-    dm.setup()
-    loader = dm.train_dataloader()
+def throughput(loader: Any, max_batches: int | None = None) -> dict[str, float]:
+    """Pairs per second delivered by ``loader`` (all workers together) over ``max_batches`` batches or one
+    pass, whichever ends first, including starting the worker processes."""
     pairs, batches, t0 = 0, 0, time.perf_counter()
     for batch in loader:
-        pairs += _batch_size_of(batch)
+        pairs += batch_size_of(batch)
         batches += 1
-        if batches >= n_batches:
+        if max_batches is not None and batches >= max_batches:
             break
     seconds = time.perf_counter() - t0
     return {"pairs": float(pairs), "batches": float(batches), "seconds": seconds,
             "pairs_per_s": pairs / seconds if seconds > 0 else 0.0}
+
+
+def loader_throughput(dm: PairDataModule, n_batches: int = 20) -> dict[str, float]:
+    """Pure loader speed of ``dm.train_dataloader()`` (decoding, transform, tokenisation and collation; no
+    model), see :func:`throughput`. For the in-memory sources the images were decoded in ``setup``: time
+    that separately."""
+    dm.setup()
+    return throughput(dm.train_dataloader(), n_batches)

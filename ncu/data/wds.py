@@ -166,23 +166,29 @@ def samples_until_broken(shard: str, read_images: bool = True,
             return
         yield item
 
+def sample_meta(parts: Mapping[str, bytes]) -> dict[str, Any]:
+    """The sample's ``.json`` member as a dict; empty when absent, malformed or not a JSON object."""
+    if "json" not in parts:
+        return {}
+    try:
+        meta = json.loads(parts["json"].decode("utf-8", errors="replace"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def sample_caption(parts: Mapping[str, bytes]) -> str | None:
     """Cleaned caption of a sample: ``.txt`` first, else the json ``caption``/``text`` field."""
     if "txt" in parts:
         text, _ = clean_caption(parts["txt"].decode("utf-8", errors="replace"))
         if text is not None:
             return text
-    if "json" in parts:
-        try:
-            meta = json.loads(parts["json"].decode("utf-8", errors="replace"))
-        except ValueError:
-            return None
-        if isinstance(meta, dict):
-            for field in CAPTION_FIELDS:
-                if isinstance(meta.get(field), str):
-                    text, _ = clean_caption(meta[field])
-                    if text is not None:
-                        return text
+    meta = sample_meta(parts)
+    for field in CAPTION_FIELDS:
+        if isinstance(meta.get(field), str):
+            text, _ = clean_caption(meta[field])
+            if text is not None:
+                return text
     return None
 
 
@@ -499,13 +505,3 @@ class ShardPairs(IterableDataset):
             item["text"] = self.tokenizer([caption])[0]
         return item
 
-
-def throughput(loader: Any, max_batches: int | None = None) -> dict[str, float]:
-    """Pairs per second seen by the consumer of ``loader`` (all workers together)."""
-    pairs, t0 = 0, time.perf_counter()
-    for b, batch in enumerate(loader):
-        if max_batches is not None and b >= max_batches:
-            break
-        pairs += len(batch["caption"]) if isinstance(batch, dict) else len(batch)
-    seconds = time.perf_counter() - t0
-    return {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds if seconds > 0 else 0.0}
