@@ -81,7 +81,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ncu.config import ConfigError
@@ -236,11 +235,9 @@ def _features(ctx: Context, images: list, normalize: bool, batch_size: int) -> t
 def _zeroshot(ctx: Context, feats: torch.Tensor, labels: torch.Tensor, classnames: list[str],
               templates: list, topk: list[int]) -> dict[str, float]:
     """Top-k accuracy (percent) of features (not necessarily normalised) against a prompt classifier."""
-    from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
+    from ncu.eval.benchmarks import zeroshot_of_features
 
-    with torch.no_grad():
-        clf = zero_shot_classifier(ctx.ready(), ctx.tokenizer, classnames, templates, ctx.device)
-    acc = zero_shot_accuracy(F.normalize(feats.float(), dim=-1), labels, clf.cpu(), tuple(topk))
+    acc = zeroshot_of_features(ctx.ready(), ctx.tokenizer, feats, labels, classnames, templates, ctx.device, topk)
     return {f"zeroshot_{k}": v for k, v in acc.items()}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch import Tensor
@@ -287,14 +288,31 @@ def evaluate_zeroshot(
     topk: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Zero-shot top-k accuracy in percent, classifying into ``dataset.classnames`` with ``templates``."""
+    features = encode_images(model, preprocess, dataset.images, device, batch_size, normalize=True)
+    return zeroshot_of_features(model, tokenizer, features, dataset.labels, dataset.classnames, templates,
+                                device, topk)
+
+
+def zeroshot_of_features(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    features: Tensor,
+    labels: Tensor,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    device: str | torch.device,
+    topk: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Zero-shot top-k accuracy in percent of image ``features`` (normalised here, so features computed for
+    a linear probe can be reused) against the prompt classifier, built in eval mode (the mode is restored)."""
     was_training = model.training
     model.eval()
     try:
-        classifier = zero_shot_classifier(model, tokenizer, dataset.classnames, templates, device)
+        with torch.no_grad():
+            classifier = zero_shot_classifier(model, tokenizer, list(classnames), templates, device)
     finally:
         model.train(was_training)
-    features = encode_images(model, preprocess, dataset.images, device, batch_size, normalize=True)
-    return zero_shot_accuracy(features, dataset.labels, classifier.cpu(), topk)
+    return zero_shot_accuracy(F.normalize(features.float(), dim=-1), labels, classifier.cpu(), tuple(topk))
 
 
 # ---------------------------------------------------------------------------------------------------------
