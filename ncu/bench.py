@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 MiB = 1024.0 * 1024.0
 FINAL_KEYS = ("ncu_stage2/clip", "sinkhorn_share", "clip/open_clip")
 
@@ -215,15 +214,9 @@ def stage2_ot_problem(
 
 def compose_method(method: str) -> Any:
     """The run config with ``method=<method>`` (the real conf/ files, Hydra compose API)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ncu.config import compose_config
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose("train", overrides=[f"method={method}"])
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config([f"method={method}"])
 
 
 def stage_of(cfg: Any, objective: str) -> dict:

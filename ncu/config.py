@@ -4,15 +4,32 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ncu.data.noise import PROTOCOLS
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and the problem."""
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train",
+                   return_hydra_config: bool = False) -> DictConfig:
+    """The project's config composed outside a Hydra app (benchmarks, export, tests), Hydra left clean."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:

@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+
+from ncu.config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -20,9 +20,7 @@ FAST = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", 
 
 def compose_cfg(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
                 tmp_path: Path | None = None, data_dir: Path | None = None) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_config(overrides, config_name, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.cwd = str(ROOT)
         if tmp_path is not None:

@@ -110,15 +110,9 @@ def test_robustness_dry_run_prints_the_sweeps_and_the_report(capsys):
 
 
 def test_robustness_sweep_config_covers_rates_methods_and_seeds():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ncu.config import compose_config
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(bench.CONF), version_base="1.3"):
-            cfg = compose("train", overrides=["sweep=noise_rates"], return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_config(["sweep=noise_rates"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert str(params["noise.rate"]).split(",") == ["0.2", "0.4", "0.6"]
     assert set(str(params["method"]).split(",")) == {"pretrain_only", "clip", "filter", "grad_ascent", "ncu"}

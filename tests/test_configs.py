@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from conftest import CONF, ROOT, compose_cfg
-from ncu.config import ConfigError, plan_stages, validate
+from ncu.config import ConfigError, compose_config, plan_stages, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -68,11 +68,6 @@ def test_cli_invalid_rate_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
 def test_every_sweep_composes_as_a_multirun(sweep):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    cfg = compose_config([f"sweep={sweep}"], return_hydra_config=True)
     assert str(cfg.hydra.mode).endswith("MULTIRUN") and len(cfg.hydra.sweeper.params) >= 1
     assert cfg.experiment_name == sweep

@@ -12,19 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from conftest import CONF, ROOT, compose_cfg
+from conftest import ROOT, compose_cfg
+from ncu.config import compose_config
 
 
 def compose_with_hydra(overrides: list[str], tmp_path: Path) -> DictConfig:
     """The train config with its ``hydra`` node kept (compose_cfg drops it), as a multirun would see it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.cwd = str(ROOT)
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
@@ -192,14 +189,7 @@ def test_gpu_for_job_gives_each_worker_its_own_gpu():
 
 
 def test_optuna_lr_sweep_composes_with_log_search_spaces(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["sweep=optuna_lr"], return_hydra_config=True)
+    cfg = compose_config(["sweep=optuna_lr"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"method.stages.hn.lr", "method.stages.hn.groups.prompt.lr",

@@ -162,14 +162,12 @@ def bench(result: dict[str, Any], out: Path, batch_size: int = 64, n_batches: in
           model: str = "tiny") -> dict[str, dict[str, float]]:
     """Loader throughput (``loader_throughput``) of the exported CSV and shards, each read with its data
     config (conf/data/csv.yaml, conf/data/wds.yaml), the model config's transforms and image-protocol noise."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    from ncu.config import compose_config
     from ncu.data.datamodule import PairDataModule, loader_throughput
     from ncu.models import factory
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
     sources = {"csv": [f"data.path={result['csv']}", "data.category_key=category", "data.key_key=key"]
                if "csv" in result else None,
                "wds": [f'data.shards="{result["spec"]}"'] if "spec" in result else None}
@@ -177,10 +175,8 @@ def bench(result: dict[str, Any], out: Path, batch_size: int = 64, n_batches: in
     for name, overrides in sources.items():
         if overrides is None:
             continue
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(str(conf), version_base="1.3"):
-            cfg = compose("train", overrides=[f"data={name}", f"model={model}", *overrides,
-                                              f"data.batch_size={batch_size}", f"data.num_workers={num_workers}"])
+        cfg = compose_config([f"data={name}", f"model={model}", *overrides, f"data.batch_size={batch_size}",
+                              f"data.num_workers={num_workers}"])
         bundle = factory.create(cfg.model.name, None, aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}))
         data = OmegaConf.to_container(cfg.data, resolve=True)
         dm = PairDataModule(data, {"protocol": "image", "rate": 0.4, "seed": 0}, batch_size=batch_size,
@@ -190,7 +186,6 @@ def bench(result: dict[str, Any], out: Path, batch_size: int = 64, n_batches: in
         dm.setup()
         setup_s = time.perf_counter() - t0
         timings[name] = {**loader_throughput(dm, n_batches), "setup_seconds": setup_s, "skipped": float(dm.skipped)}
-    GlobalHydra.instance().clear()
     return timings
 
 
