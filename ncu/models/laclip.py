@@ -71,18 +71,6 @@ LACLIP_MODELS: dict[str, str] = {
 }
 
 
-@register_model
-def laclip_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """timm ViT-B/16 with QK-LayerNorm, LaCLIP's vision trunk."""
-    return timm.create_model("vit_base_patch16_224", pretrained=pretrained, qk_norm=True, **kwargs)
-
-
-@register_model
-def laclip_vit_base_patch32_224(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """timm ViT-B/32 with QK-LayerNorm (LaCLIP's architecture with patch size 32)."""
-    return timm.create_model("vit_base_patch32_224", pretrained=pretrained, qk_norm=True, **kwargs)
-
-
 def register_qknorm_vit(name: str, base: str, **overrides: Any) -> None:
     """Register the timm model ``name``: timm's ``base`` ViT with ``qk_norm=True`` and ``overrides``.
 
@@ -98,6 +86,11 @@ def register_qknorm_vit(name: str, base: str, **overrides: Any) -> None:
     entrypoint.__module__ = __name__
     globals()[name] = entrypoint  # timm lists registered names in this module's __all__
     register_model(entrypoint)
+
+
+# LaCLIP's vision trunk (ViT-B/16 with QK-LayerNorm) and the same architecture with patch size 32.
+for _timm_name in LACLIP_MODELS.values():
+    register_qknorm_vit(_timm_name, _timm_name.removeprefix("laclip_"))
 
 
 def laclip_config(
