@@ -184,7 +184,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             trainer = build_trainer(cfg, stage, loggers, run_dir, index, name, step)
             if index == 0 and name != "pretrain":
                 metrics.update(test_metrics(trainer, module, dm, "pretrain"))  # the model as given
-            cache = pretrain_cache_path(cfg, stage) if name == "pretrain" else None
+            cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
             if cache is not None and cache.exists():
                 log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(plan), name, cache)
                 factory.load_run_checkpoint(module.model, str(cache))
@@ -255,15 +255,17 @@ def mid_stage_checkpoint(run_dir: Path, index: int) -> str | None:
     return str(last) if ckpt.get("ncu_stage_index") == index else None
 
 
-def pretrain_cache_path(cfg: DictConfig, stage: dict) -> Path | None:
+def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | None:
     """Where the pre-trained checkpoint of this (model, data, noise, pre-training recipe, seed) is kept.
 
     Sweeps over methods share it instead of pre-training again; any change to what pre-training
-    depends on gives another key."""
+    depends on gives another key. ``dataset`` is the data module's ``dataset_key``, which also tells
+    which embedded sources were present (TuxPaint is optional), as the noise artifacts are keyed."""
     if not cfg.pretrain.get("cache", True):
         return None
     spec = {
-        "model": cfg.model, "data": cfg.data, "noise": cfg.noise, "stage": stage, "seed": cfg.seed,
+        "model": cfg.model, "data": cfg.data, "dataset": dataset, "noise": cfg.noise, "stage": stage,
+        "seed": cfg.seed,
         "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
         "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
                                                   "gradient_clip_val")},
@@ -271,7 +273,7 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict) -> Path | None:
     spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     n = cfg.noise
-    name = f"{cfg.model.name}_{cfg.data.name}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
+    name = f"{cfg.model.name}_{dataset}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
     return Path(cfg.paths.pretrain_dir) / name
 
 

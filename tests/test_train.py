@@ -123,3 +123,21 @@ def test_lightning_lines_reach_the_console_once_under_a_root_handler():
         assert chain and all(name == "root" for name, _ in chain), chain
     finally:
         logging.getLogger().removeHandler(root_handler)
+
+
+def test_pretraining_cache_is_keyed_on_the_data_present_not_only_the_data_config(make_cfg, tmp_path):
+    # Same data config, but the optional TuxPaint stamps absent: other pairs, so another pre-training.
+    import pandas as pd
+
+    from ncu.data.datamodule import PairDataModule
+    from ncu.run import pretrain_cache_path
+
+    cfg = make_cfg()
+    dm = PairDataModule(dict(cfg.data), dict(cfg.noise), noise_dir=str(tmp_path / "noise"))
+    both = pd.DataFrame({"key": ["twemoji:1f600", "tuxpaint:animals/cat"]})
+    twemoji_only = pd.DataFrame({"key": ["twemoji:1f600"]})
+    stage = {"epochs": 1}
+    a = pretrain_cache_path(cfg, stage, dm.dataset_id(both))
+    b = pretrain_cache_path(cfg, stage, dm.dataset_id(twemoji_only))
+    assert a != b and a.parent == b.parent
+    assert a == pretrain_cache_path(cfg, stage, dm.dataset_id(both.iloc[::-1]))  # not the row order

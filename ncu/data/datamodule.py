@@ -221,6 +221,7 @@ class PairDataModule(L.LightningDataModule):
         self.datasets: dict[str, PairDataset | ShardTrainSet] = {}
         self.noise_artifact: noise_lib.NoiseArtifact | None = None
         self.noise_folder: Path | None = None
+        self.dataset_key: str | None = None  # dataset_id() of the set-up data: keys noise and pretrain caches
         self.source_stats: dict[str, int] = {}
         self.pairs_per_s: float | None = None  # end-to-end training throughput of the last epoch
         self._passes = 0  # training passes started over a shard source (its shuffling epoch)
@@ -270,8 +271,9 @@ class PairDataModule(L.LightningDataModule):
         return part.iloc[order[:n]].reset_index(drop=True)
 
     def _build_noise(self, frame: pd.DataFrame, train: pd.DataFrame) -> None:
+        self.dataset_key = self.dataset_id(frame)
         self.noise_artifact, self.noise_folder, reused = noise_lib.build_or_load(
-            self.noise_dir, self.dataset_id(frame), train["key"].tolist(),
+            self.noise_dir, self.dataset_key, train["key"].tolist(),
             train["caption"].tolist(), self.noise_cfg.get("rate", 0.0),
             self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("seed", 0),
             self.noise_cfg.get("derangement", False))
