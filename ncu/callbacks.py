@@ -2,6 +2,7 @@
 table of retrieval examples. Active only when a WandbLogger is attached (CSV runs skip the plotting)."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,21 @@ def _wandb(trainer: L.Trainer) -> WandbLogger | None:
 class DashboardImages(L.Callback):
     def __init__(self, examples: int = 8):
         self.examples = examples
-        self.tmp = Path(tempfile.mkdtemp(prefix="ncu-dash-"))
+        self.tmp: Path | None = None
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        # PNGs only pass through here: wandb copies each one into its own run dir when it is logged.
+        if self.tmp is None and _wandb(trainer) is not None and trainer.is_global_zero:
+            self.tmp = Path(tempfile.mkdtemp(prefix="ncu-dash-"))
+
+    def teardown(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
         logger = _wandb(trainer)
-        if logger is None or not trainer.is_global_zero or module.epoch_scores is None:
+        if logger is None or self.tmp is None or module.epoch_scores is None:
             return
         scores, noisy = module.epoch_scores
         stem = f"{module.stage_name}_e{trainer.current_epoch}"

@@ -1,4 +1,5 @@
 import json
+import tempfile
 
 import pytest
 
@@ -88,6 +89,9 @@ def test_cached_pretraining_is_reused_with_the_same_numbers(smoke_run, tmp_path)
 def test_wandb_offline_run_logs_config_group_and_dashboard_images(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     cfg = compose_cfg(["experiment=smoke", "method=ncu", "logger=wandb", "print_table=false", "epochs_cap=1",
                        "trainer.limit_val_batches=1"], tmp_path=tmp_path)
     metrics, objects = train(cfg)
@@ -101,6 +105,7 @@ def test_wandb_offline_run_logs_config_group_and_dashboard_images(tmp_path, monk
     media = [p.name for p in files if p.suffix == ".png"]
     assert any("nc_score_hist" in m for m in media) and any("ot_targets" in m for m in media)
     assert any("retrieval_examples" in p.name for p in files)
+    assert not list(scratch.glob("ncu-dash-*"))  # the images' scratch dir goes with the run
     record = next(p for p in files if p.suffix == ".wandb").read_bytes()
     # the full resolved config (with the Hydra choices), the experiment as group, the config choices as tags
     for needle in (b"hydra_choices", b"realised_rate", b"smoke", b"rate0.4", b"ncu-micro"):
