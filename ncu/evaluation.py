@@ -136,8 +136,32 @@ def suite_tasks(benchmark: DictConfig) -> dict[str, dict]:
             value = task.get(key)
             if value is not None and value != "imagenet" and not Path(value).exists():
                 raise FileNotFoundError(f"benchmark.tasks.{name}.{key}={value}: no such file or folder")
+        check_task_tables(str(name), task)
         out[str(name)] = task
     return out
+
+
+def check_task_tables(name: str, task: dict) -> None:
+    """Header rows of a task's CSVs and its class-names file, read before any model is loaded, so a wrong
+    column or key is one error naming the task instead of a traceback after encoding."""
+    from ncu.data.sources import require_columns
+    from ncu.eval.benchmarks import load_classnames_templates
+
+    kind, hint = task["kind"], f"set benchmark.tasks.{name}.sep"
+    if kind == "retrieval_csv":
+        tables = {"csv": {"image_key": task.get("image_key", "filepath"),
+                          "caption_key": task.get("caption_key", "caption")}}
+    else:
+        columns = {"image_key": task.get("image_key", "image"), "label_key": task.get("label_key", "label")}
+        tables = {key: columns for key in ("data", "train", "test") if key in PATH_KEYS.get(kind, ())}
+    try:
+        for key, columns in tables.items():
+            if task.get(key) is not None and Path(task[key]).is_file():
+                require_columns(task[key], task.get("sep"), columns, sep_hint=hint)
+        if task.get("classnames") not in (None, "imagenet"):
+            load_classnames_templates(task["classnames"])
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"benchmark.tasks.{name}: {e.args[0] if e.args else e}") from e
 
 
 def create_bundle(model_cfg: DictConfig) -> ModelBundle:
@@ -427,7 +451,7 @@ def task_retrieval_csv(name: str, task: dict, ctx: Context) -> dict[str, float]:
                                   task.get("image_key", "filepath"), task.get("caption_key", "caption"),
                                   ctx.device, chunk_size=task.get("chunk_size", 1024),
                                   batch_size=task.get("batch_size", 64), root=task.get("root"),
-                                  coco_fold_size=task.get("coco_fold_size"))
+                                  coco_fold_size=task.get("coco_fold_size"), sep=task.get("sep"))
 
 
 def task_linear_probe_folder(name: str, task: dict, ctx: Context) -> dict[str, float]:

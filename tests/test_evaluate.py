@@ -299,6 +299,37 @@ def test_unset_or_missing_path_is_one_clear_error(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_wrong_column_or_class_file_is_one_error_before_the_model_loads(tmp_path, monkeypatch):
+    import ncu.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "create_bundle", lambda *a: pytest.fail("model loaded before the check"))
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,text\na.png,a cat\n")
+    cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=retrieval_csv",
+                       f"benchmark.tasks.retrieval.csv={table}"], config_name="evaluate", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.retrieval: .*pairs\.csv: column 'filepath' "
+                                          r"\(image_key\) not found; columns found: \['image', 'text'\]"):
+        evaluate(cfg)
+    # the same file read with the task's own separator: one column, so the hint names the task's sep key
+    cfg.benchmark.tasks.retrieval.sep = ";"
+    with pytest.raises(ConfigError, match=r"wrong separator\? set benchmark\.tasks\.retrieval\.sep"):
+        evaluate(cfg)
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,class\na.png,cat\n")
+    cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=zeroshot_folder",
+                       f"benchmark.tasks.zeroshot.data={labels}"], config_name="evaluate", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.zeroshot: .*column 'label' \(label_key\)"):
+        evaluate(cfg)
+    names = tmp_path / "classes.yaml"
+    names.write_text("classes: [cat]\n")
+    cfg.benchmark.tasks.zeroshot.label_key = "class"
+    cfg.benchmark.tasks.zeroshot.classnames = str(names)
+    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.zeroshot: .*classes\.yaml: missing key.*templates"):
+        evaluate(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_cli_prints_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "evaluate.py", "ckpt_path=pretrained", "model=micro",

@@ -388,13 +388,14 @@ def evaluate_retrieval_csv(
     batch_size: int = 64,
     root: str | os.PathLike | None = None,
     coco_fold_size: int | None = None,
+    sep: str | None = None,
 ) -> dict[str, Any]:
     """Image-text retrieval on a CSV with one row per (image, caption); see :func:`read_retrieval_csv`.
 
     Returns :func:`ncu.eval.retrieval.retrieval_metrics` on the whole set or, with ``coco_fold_size``
     (1000 for MSCOCO 5K), the ``1k/*`` and ``5k/*`` metrics of :func:`coco_1k_5k`.
     """
-    data = read_retrieval_csv(csv_path, image_key, caption_key, root)
+    data = read_retrieval_csv(csv_path, image_key, caption_key, root, sep)
     image_features = encode_images(model, preprocess, data.images, device, batch_size, normalize=True)
     text_features = encode_texts(model, tokenizer, data.captions, device, normalize=True)
     if coco_fold_size is not None:
