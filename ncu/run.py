@@ -105,8 +105,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file and rename: a kill during a save never corrupts ``last.ckpt``."""
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        # torch.save streams into the file beside the target. Lightning's own save first serialises the whole
+        # checkpoint in memory, then stages it in TMPDIR and moves it (a copy when TMPDIR is another disk).
         with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            torch.save(checkpoint, tmp)
 
 
 def test_metrics(trainer: L.Trainer, module: CLIPUnlearner, dm: PairDataModule, prefix: str) -> dict[str, float]:

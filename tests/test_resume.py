@@ -19,11 +19,7 @@ KEYS = ("test/rsum", "test/zeroshot_top1", "pretrain/rsum", "test/i2t_R@1", "tes
 
 def _run(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "train.py", *ARGS, f"hydra.run.dir={run_dir}", f"paths.data_dir={data_dir}", *extra]
-    # Lightning stages each checkpoint in a temp file (fsspec): the one a SIGKILL interrupts stays in TMPDIR.
-    scratch = run_dir.parent / "scratch"
-    scratch.mkdir(exist_ok=True)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(scratch)})
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _stage_of_last(run_dir: Path) -> int | None:
