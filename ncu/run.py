@@ -87,8 +87,10 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
                   step_offset: int) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
-    callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                                  enable_version_counter=False)]
+    # last.ckpt after every epoch, for resume=auto inside a stage. (save_last with save_top_k=0 writes it only
+    # when the fit ends: Lightning saves `last` only at steps where a top-k checkpoint was saved.)
+    callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                                            enable_version_counter=False)]
     callbacks.append(DataStatsCallback())
     if loggers:
         callbacks += [LearningRateMonitor(logging_interval="step"), DashboardImages()]

@@ -12,8 +12,9 @@ import torch
 
 from conftest import ROOT
 
-ARGS = ["experiment=smoke", "method=ncu", "epochs_cap=3", "pretrain.cache=false", "logger=csv",
-        "print_table=false"]
+# hn gets 3 epochs so that the kill, after its first epoch's checkpoint, lands inside the stage.
+ARGS = ["experiment=smoke", "method=ncu", "epochs_cap=3", "method.stages.hn.epochs=3", "pretrain.cache=false",
+        "logger=csv", "print_table=false"]
 KEYS = ("test/rsum", "test/zeroshot_top1", "pretrain/rsum", "test/i2t_R@1", "test/t2i_R@10")
 
 
@@ -44,6 +45,8 @@ def test_sigkill_in_second_stage_then_resume_matches_uninterrupted(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
     assert progress["completed"] == ["pretrain"]
+    killed_at = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert killed_at["ncu_stage_index"] == 1 and killed_at["epoch"] < 2  # an hn epoch is still to run
 
     resumed = _run(tmp_path / "run", tmp_path / "data", "resume=auto")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
