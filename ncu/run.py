@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
                   step_offset: int) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
+    # The stages share one checkpoint folder by design, so Lightning's warning about a non-empty one is noise.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # last.ckpt after every epoch, for resume=auto inside a stage. (save_last with save_top_k=0 writes it only
     # when the fit ends: Lightning saves `last` only at steps where a top-k checkpoint was saved.)
     callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
