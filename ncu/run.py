@@ -144,14 +144,21 @@ def write_json(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
 def single_log_stream() -> None:
     """Lightning adds console handlers (``lightning`` and its subpackages); with Hydra's root handler every
-    line would print twice."""
+    line would print twice. Its product tips ("💡 Tip: ... litlogger"), one per stage, are dropped."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         if logging.getLogger().handlers:
             for handler in list(logger.handlers):
                 logger.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_a_tip not in rank_zero.filters:
+        rank_zero.addFilter(_not_a_tip)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

@@ -130,6 +130,20 @@ def test_lightning_lines_reach_the_console_once_under_a_root_handler():
         logging.getLogger().removeHandler(root_handler)
 
 
+def test_lightning_product_tips_are_dropped_and_other_lines_kept(caplog):
+    import logging
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from ncu.run import single_log_stream
+
+    single_log_stream()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero_info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
 def test_pretraining_cache_is_keyed_on_the_data_present_not_only_the_data_config(make_cfg, tmp_path):
     # Same data config, but the optional TuxPaint stamps absent: other pairs, so another pre-training.
     import pandas as pd
