@@ -85,7 +85,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncu.config import ConfigError
 from ncu.models.factory import ModelBundle, create
-from ncu.run import build, test_metrics, write_json
+from ncu.run import build, single_log_stream, test_metrics, write_json
 
 log = logging.getLogger(__name__)
 
@@ -545,6 +545,7 @@ def log_wandb(cfg: DictConfig, run_cfg: DictConfig, metrics: dict[str, float], m
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate ``cfg.ckpt_path`` (``pretrained``: ``cfg.model``) on ``cfg.benchmark``; write metrics.json."""
+    single_log_stream()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is not set: pass ckpt_path=<run_dir>/checkpoints/last.ckpt, or "
                           "ckpt_path=pretrained model=<name> model.pretrained=<tag or file>")
