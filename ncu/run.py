@@ -88,8 +88,6 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
                   step_offset: int) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
-    # The stages share one checkpoint folder by design, so Lightning's warning about a non-empty one is noise.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # last.ckpt after every epoch, for resume=auto inside a stage. (save_last with save_top_k=0 writes it only
     # when the fit ends: Lightning saves `last` only at steps where a top-k checkpoint was saved.)
     callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
@@ -150,7 +148,9 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
 
 def single_log_stream() -> None:
     """Lightning adds console handlers (``lightning`` and its subpackages); with Hydra's root handler every
-    line would print twice. Its product tips ("💡 Tip: ... litlogger"), one per stage, are dropped."""
+    line would print twice. Its product tips ("💡 Tip: ... litlogger"), one per stage, are dropped, and so is
+    its warning about a non-empty checkpoint folder: the stages share one by design."""
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         if logging.getLogger().handlers:
