@@ -214,7 +214,8 @@ class CLIPUnlearner(L.LightningModule):
         for k, val in self.detect.compute().items():
             self.log(f"train/nc_{k}", val)
         self.detect.reset()
-        self.epoch_scores = (torch.cat([s for s, _ in self._scores]).cpu(), torch.cat([n for _, n in self._scores]).cpu())
+        scores, noisy = zip(*self._scores)
+        self.epoch_scores = (torch.cat(scores).cpu(), torch.cat(noisy).cpu())
 
     # ----- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:
