@@ -96,6 +96,13 @@ RUN_DATA_KINDS = ("run_test", "category_probe", "detection")
 PATH_KEYS = {"zeroshot_folder": ("data", "classnames", "root"), "retrieval_csv": ("csv", "root"),
              "linear_probe_folder": ("train", "test", "root")}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# CSV column keys of the tasks and their defaults when a task config leaves them out.
+RETRIEVAL_COLUMNS = {"image_key": "filepath", "caption_key": "caption"}
+CLASSIFICATION_COLUMNS = {"image_key": "image", "label_key": "label"}
+
+
+def columns_of(task: dict, defaults: dict[str, str]) -> dict[str, str]:
+    return {role: task.get(role, default) for role, default in defaults.items()}
 
 
 def load_run_config(ckpt_path: str) -> DictConfig:
@@ -149,10 +156,9 @@ def check_task_tables(name: str, task: dict) -> None:
 
     kind, hint = task["kind"], f"set benchmark.tasks.{name}.sep"
     if kind == "retrieval_csv":
-        tables = {"csv": {"image_key": task.get("image_key", "filepath"),
-                          "caption_key": task.get("caption_key", "caption")}}
+        tables = {"csv": columns_of(task, RETRIEVAL_COLUMNS)}
     else:
-        columns = {"image_key": task.get("image_key", "image"), "label_key": task.get("label_key", "label")}
+        columns = columns_of(task, CLASSIFICATION_COLUMNS)
         tables = {key: columns for key in ("data", "train", "test") if key in PATH_KEYS.get(kind, ())}
     try:
         for key, columns in tables.items():
@@ -401,8 +407,9 @@ def classification_set(path: str, task: dict):
             ds.samples = [(im, int(ds.classnames[label])) for im, label in ds.samples]
             ds.classnames = [str(i) for i in range(max(int(c) for c in ds.classnames) + 1)]
         return ds
-    return CsvClassification(path, task.get("image_key", "image"), task.get("label_key", "label"),
-                             root=task.get("root"), sep=task.get("sep", ","))
+    columns = columns_of(task, CLASSIFICATION_COLUMNS)
+    return CsvClassification(path, columns["image_key"], columns["label_key"], root=task.get("root"),
+                             sep=task.get("sep", ","))
 
 
 def class_prompts(task: dict, names: list[str]) -> tuple[list[str], list]:
@@ -447,9 +454,10 @@ def task_zeroshot_folder(name: str, task: dict, ctx: Context) -> dict[str, float
 def task_retrieval_csv(name: str, task: dict, ctx: Context) -> dict[str, float]:
     from ncu.eval.benchmarks import evaluate_retrieval_csv
 
+    columns = columns_of(task, RETRIEVAL_COLUMNS)
     return evaluate_retrieval_csv(ctx.ready(), ctx.preprocess, ctx.tokenizer, task["csv"],
-                                  task.get("image_key", "filepath"), task.get("caption_key", "caption"),
-                                  ctx.device, chunk_size=task.get("chunk_size", 1024),
+                                  columns["image_key"], columns["caption_key"], ctx.device,
+                                  chunk_size=task.get("chunk_size", 1024),
                                   batch_size=task.get("batch_size", 64), root=task.get("root"),
                                   coco_fold_size=task.get("coco_fold_size"), sep=task.get("sep"))
 
