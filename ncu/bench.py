@@ -481,12 +481,16 @@ def sinkhorn_scaling(sizes: Sequence[int], device: torch.device, reg: float = 0.
 # ----------------------------------------------------------------------------------------------- robustness
 
 
-ROBUSTNESS_METRICS = "test/rsum,test/zeroshot_top1,pretrain/rsum,train/nc_auroc,train/nc_precision"
+ROBUSTNESS_METRICS = ("test/rsum,test/zeroshot_top1,pretrain/rsum,pretrain/zeroshot_top1,pretrain/nc_auroc,"
+                      "pretrain/nc_precision,train/nc_auroc,train/nc_precision")
+# The method sweeps of the benchmark (conf/sweep), each into its own folder of the sweep dir.
+ROBUSTNESS_SWEEPS = ("methods", "noise_rates", "oracle")
 
 
 def robustness_commands(sweep_dir: str, overrides: Sequence[str] = (), python: str = "python",
                         jobs: int = 1) -> list[list[str]]:
-    """Pre-train once per (noise rate, seed), run noise rate x method x seed, then the results table.
+    """Pre-train once per (noise rate, seed), run the method sweeps (every method at 0.4, the main ones at
+    0 / 0.2 / 0.6, oracle flags), then the results table with paired gains.
 
     ``jobs > 1`` runs that many jobs at once through Hydra's joblib launcher (local CPU sweeps).
     """
@@ -494,8 +498,9 @@ def robustness_commands(sweep_dir: str, overrides: Sequence[str] = (), python: s
     if jobs > 1:
         extra = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", *extra]
     return [
-        [python, "train.py", "sweep=pretrain", "noise.rate=0.2,0.4,0.6", *extra],
-        [python, "train.py", "sweep=noise_rates", f"hydra.sweep.dir={sweep_dir}", *extra],
+        [python, "train.py", "sweep=pretrain", *extra],
+        *([python, "train.py", f"sweep={name}", f"hydra.sweep.dir={sweep_dir}/{name}", *extra]
+          for name in ROBUSTNESS_SWEEPS),
         [python, "-m", "ncu.report", sweep_dir, "--metrics", ROBUSTNESS_METRICS, "--gain"],
     ]
 

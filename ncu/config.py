@@ -104,12 +104,21 @@ def validate(cfg: DictConfig) -> None:
     ratio = cfg.method.get("nc_ratio", 0.0)
     if not 0 <= ratio < 1:
         raise ConfigError(f"method.nc_ratio={ratio!r} is invalid: it must be in [0, 1)")
+    detector = cfg.method.get("detector", "batch")
+    if detector not in ("batch", "oracle"):
+        raise ConfigError(f"method.detector={detector!r} is unknown; choose batch or oracle")
+    unlearn = cfg.method.get("unlearn") or {}
+    for key, choices in (("flagged_captions", ("target", "negative", "drop")), ("hn_capacity", ("uniform", "flagged"))):
+        if unlearn.get(key, choices[0]) not in choices:
+            raise ConfigError(f"method.unlearn.{key}={unlearn.get(key)!r} is unknown; choose from {', '.join(choices)}")
     gamma = cfg.method.get("gamma")
     if gamma is not None and not 0 <= gamma <= 1:
         raise ConfigError(f"method.gamma={gamma!r} is invalid: it must be in [0, 1]")
     negation = cfg.method.get("negation") or {}
     if negation.get("mode", "none") not in ("none", "prompt", "template"):
         raise ConfigError(f"method.negation.mode={negation.get('mode')!r} is unknown; choose none, prompt or template")
+    if negation.get("head", "none") not in ("none", "rotation"):
+        raise ConfigError(f"method.negation.head={negation.get('head')!r} is unknown; choose none or rotation")
     perturb = negation.get("perturb") or {}
     if negation.get("mode", "none") != "none" and perturb.get("enabled", True):
         from ncu.text_aug import CaptionPerturber, WordNetUnavailableError

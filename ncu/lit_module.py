@@ -20,7 +20,8 @@ from ncu import stages
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
-from ncu.models.negation import NegationPrompt, build_negated_tokens, negated_text_features, text_tower
+from ncu.models.negation import (NegationHead, NegationPrompt, build_negated_tokens, negated_text_features,
+                                 text_tower)
 from ncu.objectives import baselines
 from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
@@ -28,6 +29,8 @@ from ncu.text_aug import CaptionPerturber
 LOG_SCALE_MAX = math.log(100.0)
 NCU_OBJECTIVES = ("ncu_hn", "ncu_unlearn")
 OBJECTIVES = ("clip", "filter", "grad_ascent") + NCU_OBJECTIVES
+DETECTORS = ("batch", "oracle")
+NEGATION_HEADS = ("none", "rotation")
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
 
 
@@ -69,6 +72,15 @@ class CLIPUnlearner(L.LightningModule):
         self.negation_mode = neg.get("mode", "none")
         self.prompt = (NegationPrompt.for_model(model, neg.get("n_ctx", 8), neg.get("init_std", 0.02))
                        if self.negation_mode == "prompt" else None)
+        # Optional learned map on the negated path (see NegationHead); its start angle defaults to the band's centre.
+        head = neg.get("head", "none") if self.negation_mode != "none" else "none"
+        if head not in NEGATION_HEADS:
+            raise ValueError(f"method.negation.head={head!r} is unknown; choose from {NEGATION_HEADS}")
+        band = self.method.get("band", (-0.7, -0.2))
+        cos0 = neg.get("head_cos")
+        self.negation_head = (NegationHead.for_model(model, sum(band) / 2 if cos0 is None else cos0,
+                                                     (config or {}).get("seed", 0))
+                              if head == "rotation" else None)
         perturb = neg.get("perturb") or {}
         seed = (config or {}).get("seed", 0)
         self.perturber = (CaptionPerturber(ops=perturb.get("ops", ("swap", "delete", "insert")),
@@ -88,6 +100,8 @@ class CLIPUnlearner(L.LightningModule):
         self.last_val_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self.classnames: list[str] = []
         self.eval_labels: dict[str, torch.Tensor] = {}
+        # A dedicated zero-shot set (images, labels over ``classnames``); else val/test images by category.
+        self.zeroshot_set: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----- stages -----------------------------------------------------------------------------------
     def set_stage(self, name: str, stage: dict) -> list[str]:
@@ -98,8 +112,9 @@ class CLIPUnlearner(L.LightningModule):
             raise ValueError(f"stage {name!r}: objective ncu_hn needs method.negation.mode=prompt or template")
         self.stage_name, self.stage = name, dict(stage)
         freeze = list(stage.get("freeze", []))
-        if self.prompt is not None and objective != "ncu_hn":
-            freeze.append("prompt.*")  # the negation context is learned in the hardest-negative stage only
+        if objective != "ncu_hn":  # the negated path is learned in the hardest-negative stage only
+            freeze += [p for p, m in (("prompt.*", self.prompt), ("negation_head.*", self.negation_head))
+                       if m is not None]
         if stage.get("freeze_token_embedding"):
             freeze.append(f"model.{text_prefix(self.model)}token_embedding.*")
         n_blocks = text_blocks_to_freeze(self.model, stage.get("freeze_text_blocks", 0))
@@ -142,11 +157,53 @@ class CLIPUnlearner(L.LightningModule):
             return x
         return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
 
-    def negated_features(self, captions: list[str]) -> torch.Tensor:
+    def negated_features(self, captions: list[str], perturb: bool = True) -> torch.Tensor:
         neg = self.method["negation"]
-        tokens = build_negated_tokens(self.tokenizer, captions, neg.get("n_ctx", 8), self.perturber,
-                                      self.negation_mode, neg.get("templates"), self.template_rng)
-        return negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode)
+        tokens = build_negated_tokens(self.tokenizer, captions, neg.get("n_ctx", 8),
+                                      self.perturber if perturb else None, self.negation_mode,
+                                      neg.get("templates"), self.template_rng if perturb else random.Random(0))
+        return negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode,
+                                     self.negation_head)
+
+    @torch.no_grad()
+    def mean_cos_t_tn(self, captions: list[str], chunk: int = 256) -> float:
+        """Mean cos(t, t~) over ``captions``, negated without the random perturbation (no RNG is drawn)."""
+        was = self.training
+        self.eval()
+        total = 0.0
+        for i in range(0, len(captions), chunk):
+            part = captions[i:i + chunk]
+            t = self.model.encode_text(self.tokenizer(part).to(self.device), normalize=True).float()
+            total += float((t * self.negated_features(part, perturb=False).float()).sum())
+        self.train(was)
+        return total / max(1, len(captions))
+
+    def flag(self, scores: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """The pairs treated as noisy: the per-batch quota of lowest scores (``batch``, the paper's rule) or
+        the ground truth (``oracle``: an upper bound that separates identification from unlearning)."""
+        detector = self.method.get("detector", "batch")
+        if detector == "oracle":
+            return noisy.to(dtype=torch.bool, device=scores.device).clone()
+        if detector != "batch":
+            raise ValueError(f"method.detector={detector!r} is unknown; choose from {DETECTORS}")
+        return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1))
+
+    @torch.no_grad()
+    def detection_pass(self, loader: Any) -> dict[str, float]:
+        """NC detection of the current model over a whole split, batch by batch as in training (eval mode,
+        the loader's transforms). Undefined metrics (AUROC with one class) are left out."""
+        was = self.training
+        self.eval()
+        meter = NCDetectionMeter().to(self.device)
+        s = self.logit_scale()
+        for batch in loader:
+            v = self.model.encode_image(batch["image"].to(self.device), normalize=True)
+            t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
+            noisy = batch["noisy"].to(self.device)
+            scores = ncu_obj.nc_scores(v, t, s)
+            meter.update(scores, noisy, self.flag(scores, noisy))
+        self.train(was)
+        return {k: val for k, val in meter.compute().items() if not math.isnan(val)}
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
@@ -161,7 +218,7 @@ class CLIPUnlearner(L.LightningModule):
         noisy = self.gather(batch["noisy"].to(self.device))
         s = self.logit_scale()
         scores = ncu_obj.nc_scores(v, t, s)
-        flagged = ncu_obj.select_nc(scores, m.get("nc_ratio", 0.1))
+        flagged = self.flag(scores, noisy)
         self.detect.update(scores, noisy, flagged)
         self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step
         parts: dict[str, torch.Tensor] = {}
@@ -182,13 +239,17 @@ class CLIPUnlearner(L.LightningModule):
             if objective == "ncu_hn":
                 w = m["stage1"]
                 loss, parts = ncu_obj.stage1_loss(v, t, tn, s, ~flagged, w["w_cyc"], w["w_band"],
-                                                  w["w_sig_pos"], w["w_sig_neg"], tuple(m["band"]))
+                                                  w["w_sig_pos"], w["w_sig_neg"], tuple(m["band"]),
+                                                  detach_t=w.get("detach_t", False))
             else:
                 u = m["unlearn"]
                 loss, parts = ncu_obj.stage2_loss(
                     v, t, tn, s, flagged, m["gamma"], self.solver, use_hn=tn is not None,
                     normalize_t2v=u["normalize_t2v"], reuse_transpose=u["reuse_transpose"],
-                    w_band=u["w_band"], band=tuple(m["band"]))
+                    w_band=u["w_band"], band=tuple(m["band"]),
+                    flagged_captions=u.get("flagged_captions", "target"),
+                    hn_capacity=u.get("hn_capacity", "uniform"), w_flagged=u.get("w_flagged", 1.0),
+                    detach_hn=u.get("detach_hn", False))
         # Kept (detached) for the dashboard images of the last batch of the epoch.
         self.last_batch = (v.detach().float(), t.detach().float(),
                            tn.detach().float() if tn is not None else None, flagged)
@@ -199,6 +260,8 @@ class CLIPUnlearner(L.LightningModule):
                  batch_size=bs)
         for k, val in parts.items():
             self.log(f"train/{k}", val, batch_size=bs)
+        if tn is not None:
+            self.log("train/cos_t_tn", (t.detach().float() * tn.detach().float()).sum(1).mean(), batch_size=bs)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -223,6 +286,12 @@ class CLIPUnlearner(L.LightningModule):
         t = self.model.encode_text(batch["text"], normalize=True)
         self._eval_feats.append((v.float(), t.float(), torch.as_tensor(batch["index"], device=v.device)))
 
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Normalised features of preprocessed images (a small set every rank encodes whole)."""
+        return torch.cat([self.model.encode_image(images[i:i + chunk].to(self.device), normalize=True).float()
+                          for i in range(0, len(images), chunk)])
+
     def _eval_end(self, split: str, prefix: str) -> None:
         v, t, index = (torch.cat([f[i] for f in self._eval_feats]) for i in range(3))
         self._eval_feats.clear()
@@ -237,10 +306,12 @@ class CLIPUnlearner(L.LightningModule):
         if split == "val":
             self.last_val_features = (v, t)
         metrics = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
-        labels = self.eval_labels.get(split)
-        if labels is not None and len(labels) == len(v) and self.classnames:
+        zs_v, labels = v, self.eval_labels.get(split)
+        if self.zeroshot_set is not None:
+            zs_v, labels = self.encode_images(self.zeroshot_set[0]), self.zeroshot_set[1]
+        if labels is not None and len(labels) == len(zs_v) and self.classnames:
             clf = zero_shot_classifier(self.model, self.tokenizer, self.classnames, ZS_TEMPLATES, self.device)
-            zs = zero_shot_accuracy(v, labels.to(v.device), clf, topk=(1,))
+            zs = zero_shot_accuracy(zs_v, labels.to(zs_v.device), clf, topk=(1,))
             metrics["zeroshot_top1"] = zs["top1"]
         self.last_eval = {f"{prefix}/{k}": float(val) for k, val in metrics.items()}
         for k, val in self.last_eval.items():

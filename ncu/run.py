@@ -46,6 +46,10 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
                            config=OmegaConf.to_container(cfg, resolve=True))
     module.classnames = dm.classnames
     module.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
+    if "zeroshot" in dm.datasets:  # a dedicated zero-shot task (scenes: single objects over the vocabulary)
+        zs = dm.datasets["zeroshot"]
+        module.classnames = dm.zeroshot_classnames
+        module.zeroshot_set = (torch.stack([zs[k]["image"] for k in range(len(zs))]), dm.category_labels("zeroshot"))
     return bundle, dm, module
 
 
@@ -120,6 +124,30 @@ def test_metrics(trainer: L.Trainer, module: CLIPUnlearner, dm: PairDataModule, 
     module.test_prefix = prefix
     trainer.test(module, datamodule=dm, verbose=False)
     return dict(module.last_eval)
+
+
+def entry_metrics(cfg: DictConfig, trainer: L.Trainer, module: CLIPUnlearner,
+                  dm: PairDataModule) -> dict[str, float]:
+    """The model entering fine-tuning: test metrics, val rSum (``pretrain/val_rsum``, what stage-end
+    numbers are compared with) and its NC detection over the whole training split (``pretrain/nc_*``)."""
+    out = test_metrics(trainer, module, dm, "pretrain")
+    trainer.validate(module, datamodule=dm, verbose=False)
+    out.update({f"pretrain/val_{k.split('/', 1)[1]}": v for k, v in module.last_eval.items()
+                if k.endswith(("rsum", "zeroshot_top1"))})
+    loader = dm.scoring_loader(cfg.seed) if cfg.pretrain.get("detection", True) else None
+    if loader is not None:
+        out.update({f"pretrain/nc_{k}": v for k, v in module.detection_pass(loader).items()})
+    return out
+
+
+def stage_end_metrics(name: str, module: CLIPUnlearner, dm: PairDataModule,
+                      fit_metrics: dict[str, float]) -> dict[str, float]:
+    """``<stage>/val_rsum`` (val at the stage's end) and, with a negated path, ``<stage>/cos_t_tn``: mean
+    cos(t, t~) over the val captions (unperturbed)."""
+    out = {f"{name}/val_rsum": fit_metrics["val/rsum"]} if "val/rsum" in fit_metrics else {}
+    if module.negation_mode != "none":
+        out[f"{name}/cos_t_tn"] = module.mean_cos_t_tn(dm.datasets["val"].frame["caption"].tolist())
+    return out
 
 
 def print_table(metrics: dict[str, float]) -> None:
@@ -199,7 +227,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             module.stage_index = index
             trainer = build_trainer(cfg, stage, loggers, run_dir, index, name, step)
             if index == 0 and name != "pretrain":
-                metrics.update(test_metrics(trainer, module, dm, "pretrain"))  # the model as given
+                metrics.update(entry_metrics(cfg, trainer, module, dm))  # the model as given
             cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
             if cache is not None and cache.exists():
                 log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(plan), name, cache)
@@ -214,11 +242,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 # The last epoch's train/* and val/* (read now: a test run would reset them).
                 fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                                if k.startswith(("train/", "val/")) and v.numel() == 1}
+                if name != "pretrain":
+                    metrics.update(stage_end_metrics(name, module, dm, fit_metrics))
                 trainer.save_checkpoint(ckpt)
                 if cache is not None:
                     copy_atomic(ckpt, cache)
             if name == "pretrain":
-                metrics.update(test_metrics(trainer, module, dm, "pretrain"))
+                metrics.update(entry_metrics(cfg, trainer, module, dm))
             progress["completed"].append(name)
             write_json(run_dir / "progress.json", {**progress, "metrics": metrics, "step": step})
         if trainer is None:  # everything was already done: evaluate the last stage's weights
@@ -279,8 +309,9 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | No
     which embedded sources were present (TuxPaint is optional), as the noise artifacts are keyed."""
     if not cfg.pretrain.get("cache", True):
         return None
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"}
     spec = {
-        "model": cfg.model, "data": cfg.data, "dataset": dataset, "noise": cfg.noise, "stage": stage,
+        "model": cfg.model, "data": data, "dataset": dataset, "noise": cfg.noise, "stage": stage,
         "seed": cfg.seed,
         "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
         "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",

@@ -103,8 +103,10 @@ def test_robustness_dry_run_prints_the_sweeps_and_the_report(capsys):
     assert bench.main(["robustness", "--dry-run", "--sweep-dir", "logs/x", "trainer=gpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
-        "python train.py sweep=pretrain noise.rate=0.2,0.4,0.6 trainer=gpu",
-        "python train.py sweep=noise_rates hydra.sweep.dir=logs/x trainer=gpu",
+        "python train.py sweep=pretrain trainer=gpu",
+        "python train.py sweep=methods hydra.sweep.dir=logs/x/methods trainer=gpu",
+        "python train.py sweep=noise_rates hydra.sweep.dir=logs/x/noise_rates trainer=gpu",
+        "python train.py sweep=oracle hydra.sweep.dir=logs/x/oracle trainer=gpu",
         f"python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain",
     ]
 
@@ -112,11 +114,19 @@ def test_robustness_dry_run_prints_the_sweeps_and_the_report(capsys):
 def test_robustness_sweep_config_covers_rates_methods_and_seeds():
     from ncu.config import compose_config
 
-    cfg = compose_config(["sweep=noise_rates"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    assert str(params["noise.rate"]).split(",") == ["0.2", "0.4", "0.6"]
-    assert set(str(params["method"]).split(",")) == {"pretrain_only", "clip", "filter", "grad_ascent", "ncu"}
-    assert str(params["seed"]).split(",") == ["0", "1", "2"]
+    def params(name):
+        return compose_config([f"sweep={name}"], return_hydra_config=True).hydra.sweeper.params
+
+    assert str(params("pretrain")["noise.rate"]).split(",") == ["0.0", "0.2", "0.4", "0.6"]
+    methods = params("methods")
+    assert set(str(methods["method"]).split(",")) == {
+        "pretrain_only", "clip", "filter", "grad_ascent", "ncu", "ncu_official", "ncu_no_hn", "ncu_no_ot",
+        "ncu_stage2_only"}
+    assert str(params("noise_rates")["noise.rate"]).split(",") == ["0.0", "0.2", "0.6"]
+    oracle = params("oracle")
+    assert oracle["method.detector"] == "oracle" and set(str(oracle["method"]).split(",")) == {"filter", "ncu"}
+    for name in ("pretrain", "methods", "noise_rates", "oracle"):
+        assert str(params(name)["seed"]).split(",") == ["0", "1", "2"]
 
 
 def test_robustness_jobs_use_the_joblib_launcher_with_one_thread_share_each(capsys, monkeypatch):
@@ -124,8 +134,6 @@ def test_robustness_jobs_use_the_joblib_launcher_with_one_thread_share_each(caps
     assert bench.main(["robustness", "--jobs", "4", "--sweep-dir", "logs/x"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     launcher = "hydra/launcher=joblib hydra.launcher.n_jobs=4"
-    assert lines == [
-        f"OMP_NUM_THREADS=2 python train.py sweep=pretrain noise.rate=0.2,0.4,0.6 {launcher}",
-        f"OMP_NUM_THREADS=2 python train.py sweep=noise_rates hydra.sweep.dir=logs/x {launcher}",
-        f"OMP_NUM_THREADS=2 python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain",
-    ]
+    assert lines[0] == f"OMP_NUM_THREADS=2 python train.py sweep=pretrain {launcher}"
+    assert lines[2] == f"OMP_NUM_THREADS=2 python train.py sweep=noise_rates hydra.sweep.dir=logs/x/noise_rates {launcher}"
+    assert lines[-1] == f"OMP_NUM_THREADS=2 python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain"

@@ -24,6 +24,8 @@ SMOKE = ["experiment=smoke", "method=clip", "logger=none", "print_table=false", 
          "trainer.limit_train_batches=2"]
 # The smoke experiment's data, for a pre-trained model evaluated on the same pairs.
 SMOKE_DATA = ["+run_overrides.data.limit=384", "+run_overrides.data.max_side=48",
+              "+run_overrides.data.n_concepts=40", "+run_overrides.data.n_train=384",
+              "+run_overrides.data.n_val=64", "+run_overrides.data.n_test=128", "+run_overrides.data.image_size=32",
               "+run_overrides.data.batch_size=64"]
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -6,12 +6,22 @@ from ncu.config import ConfigError, plan_stages, validate
 from ncu.run import build, train
 
 
-@pytest.fixture
-def ncu_parts(make_cfg):
-    cfg = make_cfg("method=ncu", "data.limit=96", "data.batch_size=32")
+def _parts(make_cfg, method):
+    cfg = make_cfg(f"method={method}", "data.limit=96", "data.batch_size=32")
     _, dm, module = build(cfg)
     batch = next(iter(dm.train_dataloader()))
     return cfg, module, batch, dict(plan_stages(cfg))
+
+
+@pytest.fixture
+def ncu_parts(make_cfg):
+    """The official recipe (method=ncu_official): what its stages train and freeze."""
+    return _parts(make_cfg, "ncu_official")
+
+
+@pytest.fixture
+def default_parts(make_cfg):
+    return _parts(make_cfg, "ncu")
 
 
 def _step(module, batch):
@@ -51,6 +61,33 @@ def test_stage2_leaves_prompt_positions_and_bottom_text_blocks_unchanged(ncu_par
     assert not torch.equal(before["model.transformer.resblocks.1.mlp.c_fc.weight"],
                            module.model.transformer.resblocks[1].mlp.c_fc.weight)
     assert grads["model.visual.conv1.weight"].abs().sum() > 0  # the image tower unlearns
+
+
+def test_default_stage1_learns_only_the_negated_path(default_parts):
+    _, module, batch, plan = default_parts
+    module.set_stage("hn", plan["hn"])
+    grads = _step(module, batch)
+    assert grads["prompt.ctx"].abs().sum() > 0 and grads["negation_head.weight"].abs().sum() > 0
+    assert all(g is None for n, g in grads.items() if n.startswith("model."))
+
+
+def test_default_stage2_trains_the_whole_model_and_keeps_the_negated_path(default_parts):
+    _, module, batch, plan = default_parts
+    module.set_stage("unlearn", plan["unlearn"])
+    grads = _step(module, batch)
+    assert grads["prompt.ctx"] is None and grads["negation_head.weight"] is None
+    for name in ("model.visual.conv1.weight", "model.transformer.resblocks.0.mlp.c_fc.weight",
+                 "model.token_embedding.weight", "model.text_projection"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_oracle_detector_flags_exactly_the_noisy_pairs(default_parts):
+    _, module, batch, _ = default_parts
+    module.method["detector"] = "oracle"
+    scores = torch.rand(len(batch["noisy"]))
+    assert torch.equal(module.flag(scores, batch["noisy"]), batch["noisy"].bool())
+    module.method["detector"] = "batch"
+    assert int(module.flag(scores, batch["noisy"]).sum()) == int(0.4 * len(scores))
 
 
 def test_logit_scale_clamped_after_a_step_in_stage2(ncu_parts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import ot as pot
 import pytest
 import torch
 import torch.nn.functional as F
@@ -395,3 +396,111 @@ def test_stage2_low_precision_and_ablations():
     assert torch.isfinite(l1) and float(p1["band"]) == 0.0 and float(p1["hn_mass"]) == 0.0
     with pytest.raises(ValueError, match="tn"):
         stage2_loss(v, t, None, s, nc, GAMMA, SinkhornSolver(), use_hn=True)
+
+
+# ----------------------------------------------------------------------------- stage-2 options
+
+
+def reference_targets_options_f64(A: np.ndarray, nc: list[bool], gamma: float, reg: float,
+                                  flagged_captions: str, hn_capacity: str):
+    """Independent float64 targets for the options: POT's Sinkhorn on the kept columns with the intended
+    marginals (flagged captions out when not 'target'; HN capacity k/N when 'flagged')."""
+    n, k = len(nc), sum(nc)
+    cost = (1.0 - A) / (1.0 - A).max()
+    keep = [not (flagged_captions != "target" and nc[j]) for j in range(n)] + [k > 0]
+    mask = np.ones((n, n + 1))
+    hard = np.zeros((n, n + 1))
+    for i in range(n):
+        mask[i, i] = 0.0 if nc[i] else 1.0
+        mask[i, n] = 1.0 if nc[i] else 0.0
+        hard[i, n if nc[i] else i] = 1.0
+    cols = [j for j in range(n + 1) if keep[j]]
+    if hn_capacity == "flagged":
+        b = np.array([(1 - k / n) / (len(cols) - 1)] * (len(cols) - 1) + [k / n])
+    else:
+        b = np.full(len(cols), 1.0 / len(cols))
+    big = np.where(mask[:, cols] > 0, cost[:, cols], 1e3)  # a forbidden entry costs e^-1e3/reg: exactly 0
+    plan = np.zeros((n, n + 1))
+    plan[:, cols] = pot.sinkhorn(np.full(n, 1.0 / n), b, big, reg, method="sinkhorn_log",
+                                 numItermax=100000, stopThr=1e-12)
+    yv = gamma * plan / plan.sum(1, keepdims=True) + (1 - gamma) * hard
+    pt = plan.T
+    sums = pt.sum(1, keepdims=True)
+    yt = gamma * np.divide(pt, sums, out=np.zeros_like(pt), where=sums > 0) + (1 - gamma) * hard.T
+    sums = yt.sum(1, keepdims=True)
+    return yv, np.divide(yt, sums, out=np.zeros_like(yt), where=sums > 0), plan
+
+
+@pytest.mark.parametrize("flagged_captions", ["target", "negative"])
+@pytest.mark.parametrize("hn_capacity", ["uniform", "flagged"])
+def test_target_options_match_pot(batch32, flagged_captions, hn_capacity):
+    A, nc = batch32
+    n, k = nc.numel(), int(nc.sum())
+    yv, yt = ot_targets(A, nc, GAMMA, TIGHT, flagged_captions=flagged_captions, hn_capacity=hn_capacity)
+    ref_v, ref_t, plan = reference_targets_options_f64(A.double().numpy(), nc.tolist(), GAMMA, 0.03,
+                                                       flagged_captions, hn_capacity)
+    assert np.abs(yv.double().numpy() - ref_v).max() < 2e-3
+    assert np.abs(yt.double().numpy() - ref_t).max() < 2e-3
+    # The HN column's capacity: k/N of the mass, or one column's share.
+    n_cols = (n if flagged_captions == "target" else n - k) + 1
+    assert abs(plan[:, n].sum() - (k / n if hn_capacity == "flagged" else 1 / n_cols)) < 1e-4
+    if flagged_captions == "negative":
+        idx = torch.nonzero(nc).flatten()
+        assert (yv[:, idx] == 0).all() and (yt[idx] == 0).all()
+    if hn_capacity == "flagged" and flagged_captions == "negative":
+        # Balanced capacities: a flagged image's OT mass goes (almost) entirely to its own hardest negative.
+        assert (yv[nc, n] > 0.95).all()
+
+
+def test_no_hn_with_negative_flagged_captions_spreads_over_clean_captions(batch32):
+    A, nc = batch32
+    n = nc.numel()
+    yv, _ = ot_targets(A[:, :n], nc, 0.0, None, use_hn=False, flagged_captions="negative")
+    clean = (~nc).float()
+    for i in torch.nonzero(nc).flatten():
+        assert torch.allclose(yv[i], clean / clean.sum())
+
+
+def test_stage2_drop_weights_and_detach_match_manual():
+    g = torch.Generator().manual_seed(3)
+    n, d = 6, 4
+    v = unit(torch.randn(n, d, generator=g)).requires_grad_()
+    t = unit(v.detach() + 0.4 * torch.randn(n, d, generator=g))
+    tn = unit(-0.5 * t + 0.5 * torch.randn(n, d, generator=g)).requires_grad_()
+    nc = torch.tensor([False, True, False, False, True, False])
+    s, w = 10.0, 0.25
+    loss, parts = stage2_loss(v, t, tn, s, nc, GAMMA, TIGHT, flagged_captions="drop", w_flagged=w, w_band=0.0,
+                              detach_hn=True)
+    A = extended_similarity(v.detach(), t, tn.detach()).double()
+    yv, yt = ot_targets(A.float(), nc, GAMMA, TIGHT, flagged_captions="drop")
+    keep = [j for j in range(n) if not nc[j]] + [n]
+    z = s * A
+
+    def kl(target, logits):
+        logp = torch.log_softmax(logits, dim=1)
+        return torch.where(target > 0, target * (target.clamp_min(1e-30).log() - logp), torch.zeros_like(logp)).sum(1)
+
+    rows_v = kl(yv.double()[:, keep], z[:, keep])
+    wv = torch.tensor([w if f else 1.0 for f in nc.tolist()], dtype=torch.float64)
+    rows_t = kl(yt.double()[keep], z.T[keep])
+    wt = torch.tensor([1.0] * (len(keep) - 1) + [w], dtype=torch.float64)
+    assert abs(float(parts["kl_v2t"]) - float((wv * rows_v).sum() / n)) < 1e-4
+    assert abs(float(parts["kl_t2v"]) - float((wt * rows_t).sum() / len(keep))) < 1e-4
+    loss.backward()
+    assert tn.grad is None or tn.grad.abs().max() == 0  # detach_hn: no gradient into the negated path
+    assert v.grad.abs().max() > 0
+
+
+def test_stage1_detach_t_keeps_captions_out_of_cyc_and_band():
+    v, t, tn, nc = noisy_batch(n=16, d=8, n_bad=2, seed=4)
+    t = t.clone().requires_grad_()
+    tn = tn.clone().requires_grad_()
+    loss, _ = stage1_loss(v, t, tn, 10.0, ~nc, w_sig_pos=0.0, w_sig_neg=0.0, detach_t=True)
+    loss.backward()
+    assert t.grad is None or t.grad.abs().max() == 0
+    assert tn.grad.abs().max() > 0
+    t.grad = None
+    loss2, _ = stage1_loss(v, t, tn, 10.0, ~nc, w_sig_pos=0.0, w_sig_neg=0.0)
+    assert torch.allclose(loss, loss2)  # same value, other gradients
+    loss2.backward()
+    assert t.grad.abs().max() > 0

@@ -429,3 +429,19 @@ def test_synonym_without_wordnet_warns_once_when_allowed(
 def test_unknown_op_raises() -> None:
     with pytest.raises(ValueError, match="unknown"):
         CaptionPerturber(ops=("swap", "shuffle"))
+
+
+def test_negation_head_starts_as_rotation_at_the_requested_angle():
+    from ncu.models.negation import NegationHead, complex_structure
+
+    j = complex_structure(16, seed=3)
+    assert torch.allclose(j.T, -j, atol=1e-6) and torch.allclose(j @ j, -torch.eye(16), atol=1e-5)
+    head = NegationHead(16, cos_angle=-0.45, seed=3)
+    w = head.weight.detach()
+    assert torch.allclose(w.T @ w, torch.eye(16), atol=1e-5)  # orthogonal: caption geometry kept
+    x = torch.nn.functional.normalize(torch.randn(50, 16), dim=-1)
+    y = head(x)
+    assert torch.allclose((x * y).sum(1), torch.full((50,), -0.45), atol=1e-5)
+    assert torch.allclose(x @ x.T, y @ y.T, atol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        complex_structure(5)

@@ -51,7 +51,7 @@ def test_frozen_parameters_do_not_change_after_a_step(make_cfg):
     trainer.fit(module, datamodule=dm)
     for name, p in module.named_parameters():
         # the negation context trains only in the hardest-negative stage
-        frozen = name.startswith(("model.visual.", "model.transformer.resblocks.0.", "prompt."))
+        frozen = name.startswith(("model.visual.", "model.transformer.resblocks.0.", "prompt.", "negation_head."))
         assert p.requires_grad == (not frozen)
         changed = not torch.equal(before[name], p.detach())
         if frozen:

@@ -7,6 +7,7 @@ noise artifact is built on the training keys, so a pair's split and corruption n
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -62,7 +63,11 @@ def load_frame(cfg: dict) -> pd.DataFrame:
         if (frame["category"].isna() | (frame["category"] == "")).all():
             frame["category"] = "none"
         return frame
-    raise ValueError(f"unknown data.source {source!r}; choose embedded, csv or wds")
+    if source == "scenes":
+        from ncu.data.scenes import scene_pairs
+
+        return scene_pairs(cfg, cfg.get("cache_dir") or "data/scenes")
+    raise ValueError(f"unknown data.source {source!r}; choose embedded, scenes, csv or wds")
 
 
 class PairDataset(Dataset):
@@ -223,6 +228,8 @@ class PairDataModule(L.LightningDataModule):
         self.noise_folder: Path | None = None
         self.dataset_key: str | None = None  # dataset_id() of the set-up data: keys noise and pretrain caches
         self.source_stats: dict[str, int] = {}
+        # Class names of a dedicated zero-shot set (datasets["zeroshot"]); None: classify val/test by category.
+        self.zeroshot_classnames: list[str] | None = None
         self.pairs_per_s: float | None = None  # end-to-end training throughput of the last epoch
         self._passes = 0  # training passes started over a shard source (its shuffling epoch)
 
@@ -242,7 +249,8 @@ class PairDataModule(L.LightningDataModule):
         return self.data_cfg.get("source", "embedded")
 
     # Loader settings do not change which pairs exist; everything else in the data config may.
-    _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "max_side", "shuffle_buffer", "index_cache")
+    _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "max_side", "shuffle_buffer", "index_cache",
+                    "cache_dir")
 
     def dataset_id(self, frame: pd.DataFrame) -> str:
         """Name of the noise-artifact folder: the data name plus a hash of what defines the pairs
@@ -289,8 +297,14 @@ class PairDataModule(L.LightningDataModule):
         frame = load_frame(self.data_cfg)
         self.source_stats = dict(frame.attrs.get("stats", {}))
         val_frac, test_frac = self._fractions()
-        split = frame["group"].map(lambda g: split_of(g, val_frac, test_frac))
+        # A source may fix its own splits (scenes: fresh compositions for val/test, a zero-shot set).
+        split = (frame["split"] if "split" in frame.columns
+                 else frame["group"].map(lambda g: split_of(g, val_frac, test_frac)))
         max_side = self.data_cfg.get("max_side", 128)
+        if (split == "zeroshot").any():
+            zs = frame[split == "zeroshot"].reset_index(drop=True)
+            self.datasets["zeroshot"] = PairDataset(zs, self.preprocess_val, self.tokenizer, max_side=max_side)
+            self.zeroshot_classnames = sorted(zs["category"].unique().tolist())
         for name in ("train", "val", "test"):
             part = self._subsample(frame[split == name].reset_index(drop=True), name)
             if name == "train":
@@ -300,7 +314,7 @@ class PairDataModule(L.LightningDataModule):
             else:
                 ds = PairDataset(part, self.preprocess_val, self.tokenizer, max_side=max_side)
             self.datasets[name] = ds
-        self.classnames = sorted(frame["category"].unique().tolist())
+        self.classnames = sorted(frame.loc[split != "zeroshot", "category"].unique().tolist())
 
     def _setup_shards(self) -> None:
         """Shard source: index pass (key, caption), hashed split of the keys, noise on the training keys; the
@@ -397,6 +411,18 @@ class PairDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
+    def scoring_loader(self, seed: int = 0) -> DataLoader | None:
+        """The training pairs in training-sized batches of a fixed random order, with the evaluation
+        transform: a whole-split detection pass scores each pair among batch-mates as training does. None
+        for a shard source (a full pass over web-scale shards is not taken implicitly)."""
+        ds = self.datasets["train"]
+        if not isinstance(ds, PairDataset):
+            return None
+        view = copy.copy(ds)
+        view.transform = self.preprocess_val
+        return DataLoader(view, batch_size=self.batch_size, shuffle=True, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed), num_workers=self.num_workers)
+
     def eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers)
@@ -409,7 +435,8 @@ class PairDataModule(L.LightningDataModule):
 
     def category_labels(self, split: str) -> torch.Tensor:
         cats = self.datasets[split].frame["category"]
-        index = {c: i for i, c in enumerate(self.classnames)}
+        names = self.zeroshot_classnames if split == "zeroshot" else self.classnames
+        index = {c: i for i, c in enumerate(names)}
         return torch.tensor([index[c] for c in cats], dtype=torch.long)
 
 

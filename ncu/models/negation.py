@@ -73,6 +73,50 @@ class NegationPrompt(nn.Module):
         return f"n_ctx={self.n_ctx}, width={self.width}"
 
 
+def complex_structure(dim: int, seed: int = 0) -> Tensor:
+    """A random orthogonal J with J^T = -J (so J J = -I and x.(J x) = 0 for every x); ``dim`` must be even."""
+    if dim % 2:
+        raise ValueError(f"the negation head needs an even feature width, got {dim}")
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    block = torch.zeros(dim, dim, dtype=torch.float64)
+    idx = torch.arange(0, dim, 2)
+    block[idx, idx + 1], block[idx + 1, idx] = -1.0, 1.0
+    return (q @ block @ q.T).float()
+
+
+class NegationHead(nn.Module):
+    """A linear map on the negated path's output features, before normalisation: t~ = normalize(W e).
+
+    W starts as the rotation cos(a) I + sin(a) J, with J a random complex structure (see
+    :func:`complex_structure`): for every feature x, cos(x, W x) = cos(a) exactly and W is orthogonal, so
+    the negated features start at the chosen angle from the captions with the caption geometry intact
+    (the cyc term is 0). Stage 1 then learns W with the prompt, leaving the text tower as pre-trained.
+    """
+
+    def __init__(self, dim: int, cos_angle: float = -0.45, seed: int = 0, learn: bool = True) -> None:
+        super().__init__()
+        if not -1.0 <= cos_angle <= 1.0:
+            raise ValueError(f"negation head: cos_angle must be in [-1, 1], got {cos_angle}")
+        sin = (1.0 - cos_angle**2) ** 0.5
+        weight = cos_angle * torch.eye(dim) + sin * complex_structure(dim, seed)
+        self.weight = nn.Parameter(weight, requires_grad=learn)
+
+    def forward(self, e: Tensor) -> Tensor:
+        return e @ self.weight.T.to(e.dtype)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cos_angle: float = -0.45, seed: int = 0) -> NegationHead:
+        proj = text_tower(model).text_projection
+        if isinstance(proj, nn.Linear):
+            dim = proj.out_features
+        elif proj is not None:
+            dim = proj.shape[1]
+        else:
+            dim = text_tower(model).ln_final.normalized_shape[0]
+        return cls(dim, cos_angle, seed)
+
+
 @dataclass
 class TextTowerView:
     """The pieces of an open_clip text tower that the text forward needs (live references)."""
@@ -283,13 +327,17 @@ def build_negated_tokens(
 
 
 def negated_text_features(
-    model: nn.Module, prompt: NegationPrompt | None, tokens: Tensor, mode: str = "prompt"
+    model: nn.Module, prompt: NegationPrompt | None, tokens: Tensor, mode: str = "prompt",
+    head: NegationHead | None = None,
 ) -> Tensor:
-    """L2-normalised negated-text features t̃ for tokens from ``build_negated_tokens``."""
+    """L2-normalised negated-text features t̃ for tokens from ``build_negated_tokens`` (through ``head``
+    when given)."""
     if mode == "prompt":
         if prompt is None:
             raise ValueError("prompt mode needs a NegationPrompt")
-        return encode_text_with_ctx(model, tokens, prompt.ctx, normalize=True)
-    if mode == "template":
-        return model.encode_text(tokens, normalize=True)
-    raise ValueError(f"unknown negation mode {mode!r}; choose from {list(MODES)}")
+        e = encode_text_with_ctx(model, tokens, prompt.ctx, normalize=head is None)
+    elif mode == "template":
+        e = model.encode_text(tokens, normalize=head is None)
+    else:
+        raise ValueError(f"unknown negation mode {mode!r}; choose from {list(MODES)}")
+    return e if head is None else F.normalize(head(e), dim=-1)

@@ -101,6 +101,7 @@ def stage1_loss(
     w_sig_pos: float = 1.0,
     w_sig_neg: float = 1.0,
     band: tuple[float, float] = (-0.7, -0.2),
+    detach_t: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hardest-negative learning loss on the clean pairs (rows where ``clean`` is True), n of them.
 
@@ -110,7 +111,8 @@ def stage1_loss(
     - sig_neg = -(1/n) sum_ij log sigmoid(-y_ij * s * v_i.tn_j)
 
     Returns ``(w_cyc*cyc + w_band*band + w_sig_pos*sig_pos + w_sig_neg*sig_neg, parts)``; ``parts``
-    holds the four unweighted terms, detached.
+    holds the four unweighted terms, detached. ``detach_t``: the captions are constants in cyc and band
+    (stop-gradient), so those terms move only the negated path, never the caption features.
     """
     if not (v.shape == t.shape == tn.shape) or v.dim() != 2:
         raise ValueError(
@@ -126,8 +128,9 @@ def stage1_loss(
         vc, tc, tnc = v[clean].float(), t[clean].float(), tn[clean].float()
         scale = _scale(s, v.device)
         y = 2.0 * torch.eye(n, device=v.device) - 1.0
-        cyc = ((tc @ tc.T - tnc @ tnc.T) ** 2).sum() / n
-        band_term = band_loss(tc, tnc, *band)
+        ta = tc.detach() if detach_t else tc
+        cyc = ((ta @ ta.T - tnc @ tnc.T) ** 2).sum() / n
+        band_term = band_loss(ta, tnc, *band)
         sig_pos = -F.logsigmoid(y * scale * (vc @ tc.T)).sum() / n
         sig_neg = -F.logsigmoid(-y * scale * (vc @ tnc.T)).sum() / n
         loss = w_cyc * cyc + w_band * band_term + w_sig_pos * sig_pos + w_sig_neg * sig_neg
@@ -180,6 +183,10 @@ def hard_labels(nc: torch.Tensor, use_hn: bool = True) -> torch.Tensor:
     return labels
 
 
+FLAGGED_CAPTIONS = ("target", "negative", "drop")
+HN_CAPACITIES = ("uniform", "flagged")
+
+
 def ot_targets(
     A: torch.Tensor,
     nc: torch.Tensor,
@@ -188,25 +195,40 @@ def ot_targets(
     use_hn: bool = True,
     normalize_t2v: bool = True,
     reuse_transpose: bool = True,
+    flagged_captions: str = "target",
+    hn_capacity: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft targets (Yv, Yt) from entropic OT on the extended similarity A, float32, no grad.
 
     A = [S | h] (N, N+1), or S (N, N) without HN. Cost C = (1 - A) / max(1 - A); row marginal 1/N;
-    column marginal 1/(N+1) (1/N without HN); support mask from :func:`build_mask`.
+    support mask from :func:`build_mask`.
 
     Yv = gamma * rownorm(Pv) + (1 - gamma) * Lv    rows: images (N)
     Yt = gamma * rownorm(Pt) + (1 - gamma) * Lv^T  rows: captions (+ the HN row), columns: images
+
+    Columns of the transport problem and their marginals:
+
+    - ``flagged_captions="target"`` (official): every caption is a column. ``"negative"`` / ``"drop"``: the
+      flagged (NC) captions take no mass, so no image is moved towards a caption judged mismatched (their
+      Yt rows are 0; whether they stay in the softmax is :func:`stage2_loss`'s business). Without HN an NC
+      row's hard label then spreads over the unflagged captions only.
+    - ``hn_capacity="uniform"`` (official): each column gets 1 / (number of columns), the HN column
+      included, so it can absorb only 1/(N+1) of the k/N mass the NC rows hold. ``"flagged"``: the HN
+      column's capacity is the NC rows' mass k/N and the caption columns share the rest equally.
 
     Pt = Pv^T when ``reuse_transpose`` (the transposed problem has the same solution), else a second
     solve on (C^T, b, a, mask^T). With ``normalize_t2v`` the Yt rows with positive sum are rescaled to
     sum to 1; otherwise they keep their raw sums (clean captions 1, NC captions gamma, HN row
     gamma + (1 - gamma) k). ``gamma == 0`` skips the solver (hard labels only).
 
-    If no row is NC the HN column cannot receive mass; the problem is then solved without it (it gets
-    zero mass, captions get 1/N each).
+    If no row is NC the HN column cannot receive mass; the problem is then solved without it.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if flagged_captions not in FLAGGED_CAPTIONS:
+        raise ValueError(f"flagged_captions={flagged_captions!r}; choose from {FLAGGED_CAPTIONS}")
+    if hn_capacity not in HN_CAPACITIES:
+        raise ValueError(f"hn_capacity={hn_capacity!r}; choose from {HN_CAPACITIES}")
     nc = nc.to(device=A.device, dtype=torch.bool)
     n = nc.numel()
     n_cols = n + 1 if use_hn else n
@@ -216,20 +238,32 @@ def ot_targets(
         A = A.detach().float()
         mask = build_mask(nc, use_hn)
         lv = hard_labels(nc, use_hn)
+        # Columns that take part in the transport problem.
+        keep = torch.ones(n_cols, dtype=torch.bool, device=A.device)
+        if flagged_captions != "target":
+            keep[:n] = ~nc
+            if not use_hn and bool(nc.any()):
+                lv[nc] = (~nc).float() / max(int((~nc).sum()), 1)
+        if use_hn:
+            keep[n] = bool(nc.any())
         if gamma > 0:
             dist = 1.0 - A
             cost = dist / dist.max().clamp_min(1e-12)
-            cols = n if (use_hn and not bool(nc.any())) else n_cols
+            n_keep = int(keep.sum())
             a = torch.full((n,), 1.0 / n, device=A.device)
-            b = torch.full((cols,), 1.0 / cols, device=A.device)
-            c_sub, m_sub = cost[:, :cols], mask[:, :cols]
+            b = torch.full((n_keep,), 1.0 / n_keep, device=A.device)
+            if hn_capacity == "flagged" and use_hn and bool(nc.any()):
+                m_hn = float(nc.sum()) / n
+                b = torch.full((n_keep,), (1.0 - m_hn) / (n_keep - 1), device=A.device)
+                b[-1] = m_hn  # the HN column is the last kept column
+            c_sub, m_sub = cost[:, keep], mask[:, keep]
             pv = torch.zeros(n, n_cols, device=A.device)
-            pv[:, :cols] = solver(c_sub, a, b, m_sub).float()
+            pv[:, keep] = solver(c_sub, a, b, m_sub).float()
             if reuse_transpose:
                 pt = pv.T
             else:
                 pt = torch.zeros(n_cols, n, device=A.device)
-                pt[:cols] = solver(c_sub.T.contiguous(), b, a, m_sub.T.contiguous()).float()
+                pt[keep] = solver(c_sub.T.contiguous(), b, a, m_sub.T.contiguous()).float()
             yv = gamma * _rownorm(pv) + (1.0 - gamma) * lv
             yt = gamma * _rownorm(pt) + (1.0 - gamma) * lv.T
         else:
@@ -238,6 +272,12 @@ def ot_targets(
         if normalize_t2v:
             yt = _rownorm(yt)
     return yv, yt.contiguous()
+
+
+def _kl_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target_r || softmax(logits_r)) per row (0 for an all-zero target row)."""
+    logp = torch.log_softmax(logits, dim=1)
+    return (torch.xlogy(target, target) - target * logp).sum(dim=1)
 
 
 def stage2_loss(
@@ -253,13 +293,22 @@ def stage2_loss(
     reuse_transpose: bool = True,
     w_band: float = 1.0,
     band: tuple[float, float] = (-0.7, -0.2),
+    flagged_captions: str = "target",
+    hn_capacity: str = "uniform",
+    w_flagged: float = 1.0,
+    detach_hn: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """OT-based unlearning loss on the whole batch.
 
     A = [v t^T | v_i.tn_i] (or v t^T without HN), Z = s * A, targets from :func:`ot_targets` on
-    A.detach(). L_UL = (KL_v + KL_t) / 2 with KL_v = (1/N) sum_i KL(Yv_i || softmax(Z_i)) and
-    KL_t = (1/R) sum_r KL(Yt_r || softmax((Z^T)_r)) over the R = N+1 (or N) rows of Z^T. Total loss
-    L_UL + w_band * band_loss(t, tn); the band term is 0 when ``tn`` is None.
+    A.detach(). L_UL = (KL_v + KL_t) / 2 with KL_v = (1/N) sum_i w_i KL(Yv_i || softmax(Z_i)) and
+    KL_t = (1/R) sum_r w_r KL(Yt_r || softmax((Z^T)_r)) over the R = N+1 (or N) rows of Z^T. The weights
+    are 1 except ``w_flagged`` on the NC image rows and on the HN row (the strength of the push on
+    flagged pairs). Total loss L_UL + w_band * band_loss(t, tn); the band term is 0 when ``tn`` is None.
+
+    ``flagged_captions="drop"`` also removes the NC captions from the softmax (columns of Z and rows of
+    Z^T), as filtering does; ``"negative"`` keeps them there with zero target. ``detach_hn``: the negated
+    captions are constants here (no gradient into the negated path or, through it, the text tower).
 
     parts (detached): ``kl_v2t``, ``kl_t2v``, ``band`` and ``hn_mass`` (mean target mass that NC rows
     put on the HN column; 0 without HN or NC rows).
@@ -279,6 +328,8 @@ def stage2_loss(
     with _no_autocast(v):
         v32, t32 = v.float(), t.float()
         tn32 = tn.float() if tn is not None else None
+        if tn32 is not None and detach_hn:
+            tn32 = tn32.detach()
         sim = v32 @ t32.T
         if use_hn:
             h = (v32 * tn32).sum(dim=1, keepdim=True)
@@ -286,12 +337,24 @@ def stage2_loss(
         else:
             A = sim
         yv, yt = ot_targets(
-            A.detach(), nc, gamma, solver, use_hn=use_hn,
-            normalize_t2v=normalize_t2v, reuse_transpose=reuse_transpose,
+            A.detach(), nc, gamma, solver, use_hn=use_hn, normalize_t2v=normalize_t2v,
+            reuse_transpose=reuse_transpose, flagged_captions=flagged_captions, hn_capacity=hn_capacity,
         )
         z = _scale(s, v.device) * A
-        kl_v = F.kl_div(torch.log_softmax(z, dim=1), yv, reduction="batchmean")
-        kl_t = F.kl_div(torch.log_softmax(z.T, dim=1), yt, reduction="batchmean")
+        n_rows_t = z.shape[1]
+        w_v = torch.ones(n, device=v.device)
+        w_v[nc] = w_flagged
+        w_t = torch.ones(n_rows_t, device=v.device)
+        if use_hn:
+            w_t[n] = w_flagged
+        if flagged_captions == "drop":
+            cols = torch.ones(n_rows_t, dtype=torch.bool, device=v.device)
+            cols[:n] = ~nc
+            zv, yv_, zt, yt_, w_t = z[:, cols], yv[:, cols], z.T[cols], yt[cols], w_t[cols]
+        else:
+            zv, yv_, zt, yt_ = z, yv, z.T, yt
+        kl_v = (w_v * _kl_rows(zv, yv_)).sum() / n
+        kl_t = (w_t * _kl_rows(zt, yt_)).sum() / len(zt)
         if tn32 is not None:
             band_term = band_loss(t32, tn32, *band)
         else:
