@@ -119,6 +119,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"method.negation.mode={negation.get('mode')!r} is unknown; choose none, prompt or template")
     if negation.get("head", "none") not in ("none", "rotation"):
         raise ConfigError(f"method.negation.head={negation.get('head')!r} is unknown; choose none or rotation")
+    if negation.get("anchor", "none") not in ("none", "band"):
+        raise ConfigError(f"method.negation.anchor={negation.get('anchor')!r} is unknown; choose none or band")
     perturb = negation.get("perturb") or {}
     if negation.get("mode", "none") != "none" and perturb.get("enabled", True):
         from ncu.text_aug import CaptionPerturber, WordNetUnavailableError

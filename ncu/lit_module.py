@@ -20,8 +20,8 @@ from ncu import stages
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
-from ncu.models.negation import (NegationHead, NegationPrompt, build_negated_tokens, negated_text_features,
-                                 text_tower)
+from ncu.models.negation import (NegationHead, NegationPrompt, anchor_at_angle, build_negated_tokens,
+                                 negated_text_features, text_tower)
 from ncu.objectives import baselines
 from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
@@ -30,6 +30,7 @@ LOG_SCALE_MAX = math.log(100.0)
 NCU_OBJECTIVES = ("ncu_hn", "ncu_unlearn")
 OBJECTIVES = ("clip", "filter", "grad_ascent") + NCU_OBJECTIVES
 DETECTORS = ("batch", "oracle")
+ANCHORS = ("none", "band")
 NEGATION_HEADS = ("none", "rotation")
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
 
@@ -81,6 +82,12 @@ class CLIPUnlearner(L.LightningModule):
         self.negation_head = (NegationHead.for_model(model, sum(band) / 2 if cos0 is None else cos0,
                                                      (config or {}).get("seed", 0))
                               if head == "rotation" else None)
+        # anchor=band: t~ at a fixed angle from its own caption (the band's centre, or anchor_cos).
+        self.anchor = neg.get("anchor", "none") if self.negation_mode != "none" else "none"
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"method.negation.anchor={self.anchor!r} is unknown; choose from {ANCHORS}")
+        anchor_cos = neg.get("anchor_cos")
+        self.anchor_cos = sum(band) / 2 if anchor_cos is None else float(anchor_cos)
         perturb = neg.get("perturb") or {}
         seed = (config or {}).get("seed", 0)
         self.perturber = (CaptionPerturber(ops=perturb.get("ops", ("swap", "delete", "insert")),
@@ -119,7 +126,10 @@ class CLIPUnlearner(L.LightningModule):
             freeze.append(f"model.{text_prefix(self.model)}token_embedding.*")
         n_blocks = text_blocks_to_freeze(self.model, stage.get("freeze_text_blocks", 0))
         freeze += [f"model.{text_prefix(self.model)}transformer.resblocks.{i}.*" for i in range(n_blocks)]
-        return stages.set_trainable(self, stage.get("train", ["*"]), freeze, stage.get("unfreeze", []))
+        train = list(stage.get("train", ["*"]))
+        if objective == "ncu_hn" and self.negation_head is not None:
+            train.append("negation_head.*")  # part of the negated path: learned with the prompt
+        return stages.set_trainable(self, train, freeze, stage.get("unfreeze", []))
 
     def configure_optimizers(self):
         st = self.stage
@@ -157,13 +167,15 @@ class CLIPUnlearner(L.LightningModule):
             return x
         return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
 
-    def negated_features(self, captions: list[str], perturb: bool = True) -> torch.Tensor:
+    def negated_features(self, captions: list[str], t: torch.Tensor, perturb: bool = True) -> torch.Tensor:
+        """t~ of ``captions`` (their own caption features ``t`` are the anchor when ``anchor=band``)."""
         neg = self.method["negation"]
         tokens = build_negated_tokens(self.tokenizer, captions, neg.get("n_ctx", 8),
                                       self.perturber if perturb else None, self.negation_mode,
                                       neg.get("templates"), self.template_rng if perturb else random.Random(0))
-        return negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode,
-                                     self.negation_head)
+        e = negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode,
+                                  self.negation_head)
+        return anchor_at_angle(t, e, self.anchor_cos) if self.anchor == "band" else e
 
     @torch.no_grad()
     def mean_cos_t_tn(self, captions: list[str], chunk: int = 256) -> float:
@@ -174,7 +186,7 @@ class CLIPUnlearner(L.LightningModule):
         for i in range(0, len(captions), chunk):
             part = captions[i:i + chunk]
             t = self.model.encode_text(self.tokenizer(part).to(self.device), normalize=True).float()
-            total += float((t * self.negated_features(part, perturb=False).float()).sum())
+            total += float((t * self.negated_features(part, t, perturb=False).float()).sum())
         self.train(was)
         return total / max(1, len(captions))
 
@@ -235,7 +247,8 @@ class CLIPUnlearner(L.LightningModule):
             ga = m.get("grad_ascent") or {}
             loss = baselines.grad_ascent_loss(v, t, s, flagged, ga.get("weight", 1.0), ga.get("bound"))
         else:
-            tn = self.gather(self.negated_features(batch["caption"])) if self.negation_mode != "none" else None
+            tn = (self.gather(self.negated_features(batch["caption"], t_local))
+                  if self.negation_mode != "none" else None)
             if objective == "ncu_hn":
                 w = m["stage1"]
                 loss, parts = ncu_obj.stage1_loss(v, t, tn, s, ~flagged, w["w_cyc"], w["w_band"],

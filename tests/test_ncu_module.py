@@ -7,7 +7,7 @@ from ncu.run import build, train
 
 
 def _parts(make_cfg, method):
-    cfg = make_cfg(f"method={method}", "data.limit=96", "data.batch_size=32")
+    cfg = make_cfg(*f"method={method}".split(), "data.limit=96", "data.batch_size=32")
     _, dm, module = build(cfg)
     batch = next(iter(dm.train_dataloader()))
     return cfg, module, batch, dict(plan_stages(cfg))
@@ -67,15 +67,28 @@ def test_default_stage1_learns_only_the_negated_path(default_parts):
     _, module, batch, plan = default_parts
     module.set_stage("hn", plan["hn"])
     grads = _step(module, batch)
-    assert grads["prompt.ctx"].abs().sum() > 0 and grads["negation_head.weight"].abs().sum() > 0
+    assert grads["prompt.ctx"].abs().sum() > 0
     assert all(g is None for n, g in grads.items() if n.startswith("model."))
+    # The anchored t~ sits at the band's centre from its own caption.
+    t = module.model.encode_text(batch["text"], normalize=True)
+    tn = module.negated_features(batch["caption"], t)
+    assert torch.allclose((t * tn).sum(1), torch.full((len(t),), -0.45), atol=1e-5)
+
+
+def test_rotation_head_trains_with_the_prompt_in_stage1(make_cfg):
+    _, module, batch, plan = _parts(make_cfg, "ncu method.negation.head=rotation")
+    module.set_stage("hn", plan["hn"])
+    grads = _step(module, batch)
+    assert grads["negation_head.weight"].abs().sum() > 0
+    module.set_stage("unlearn", plan["unlearn"])
+    assert not module.negation_head.weight.requires_grad
 
 
 def test_default_stage2_trains_the_whole_model_and_keeps_the_negated_path(default_parts):
     _, module, batch, plan = default_parts
     module.set_stage("unlearn", plan["unlearn"])
     grads = _step(module, batch)
-    assert grads["prompt.ctx"] is None and grads["negation_head.weight"] is None
+    assert grads["prompt.ctx"] is None
     for name in ("model.visual.conv1.weight", "model.transformer.resblocks.0.mlp.c_fc.weight",
                  "model.token_embedding.weight", "model.text_projection"):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name

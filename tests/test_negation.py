@@ -445,3 +445,21 @@ def test_negation_head_starts_as_rotation_at_the_requested_angle():
     assert torch.allclose(x @ x.T, y @ y.T, atol=1e-5)
     with pytest.raises(ValueError, match="even"):
         complex_structure(5)
+
+
+def test_anchor_at_angle_fixes_the_angle_and_keeps_the_learned_direction():
+    from ncu.models.negation import anchor_at_angle
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=-1)
+    e = torch.randn(20, 8, generator=g)
+    tn = anchor_at_angle(t, e, -0.45)
+    assert torch.allclose(tn.norm(dim=1), torch.ones(20), atol=1e-6)
+    assert torch.allclose((t * tn).sum(1), torch.full((20,), -0.45), atol=1e-6)
+    # The component orthogonal to t points along e's component orthogonal to t.
+    e_perp = e - (e * t).sum(1, keepdim=True) * t
+    tn_perp = tn - (tn * t).sum(1, keepdim=True) * t
+    cos = torch.nn.functional.cosine_similarity(e_perp, tn_perp, dim=1)
+    assert torch.allclose(cos, torch.ones(20), atol=1e-5)
+    with pytest.raises(ValueError, match="cos_angle"):
+        anchor_at_angle(t, e, 1.5)

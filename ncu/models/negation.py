@@ -117,6 +117,20 @@ class NegationHead(nn.Module):
         return cls(dim, cos_angle, seed)
 
 
+def anchor_at_angle(t: Tensor, e: Tensor, cos_angle: float) -> Tensor:
+    """Unit vectors at exactly ``cos_angle`` from each (unit) caption feature t_i, in the plane of t_i and
+    e_i: t~_i = cos_angle * t_i + sin * u_i with u_i the unit part of e_i orthogonal to t_i.
+
+    The band cos(t, t~) then holds by construction, and the learned negated path (``e``) chooses only the
+    direction away from the caption. Gradients flow to both ``t`` and ``e``."""
+    if not -1.0 <= cos_angle <= 1.0:
+        raise ValueError(f"cos_angle must be in [-1, 1], got {cos_angle}")
+    t, e = t.float(), e.float()
+    ortho = e - (e * t).sum(dim=-1, keepdim=True) * t
+    u = F.normalize(ortho, dim=-1, eps=1e-6)
+    return cos_angle * t + (1.0 - cos_angle**2) ** 0.5 * u
+
+
 @dataclass
 class TextTowerView:
     """The pieces of an open_clip text tower that the text forward needs (live references)."""
