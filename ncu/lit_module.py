@@ -288,7 +288,8 @@ class CLIPUnlearner(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         for k, val in self.detect.compute().items():
-            self.log(f"train/nc_{k}", val)
+            if not math.isnan(val):  # AUROC/AUPRC are undefined without noisy pairs (rate 0)
+                self.log(f"train/nc_{k}", val)
         self.detect.reset()
         scores, noisy = zip(*self._scores)
         self.epoch_scores = (torch.cat(scores).cpu(), torch.cat(noisy).cpu())

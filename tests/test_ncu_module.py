@@ -132,3 +132,19 @@ def test_ncu_smoke_run_logs_detection_and_unlearning_metrics(make_cfg, method):
     expected = {"ncu": ["stage0_pretrain.ckpt", "stage1_hn.ckpt", "stage2_unlearn.ckpt"],
                 "ncu_no_hn": ["stage0_pretrain.ckpt", "stage1_unlearn.ckpt"]}[method]
     assert names == expected
+    for key in ("pretrain/nc_auroc", "pretrain/nc_precision", "pretrain/val_rsum", "unlearn/val_rsum"):
+        assert key in metrics, key
+    if method == "ncu":
+        # Stage 1 learns only the negation prompt: the model, hence val retrieval, is unchanged by it, and the
+        # anchored t~ sits at the band's centre.
+        assert metrics["hn/val_rsum"] == pytest.approx(metrics["pretrain/val_rsum"], abs=1e-4)
+        assert metrics["hn/cos_t_tn"] == pytest.approx(-0.45, abs=1e-4)
+
+
+def test_oracle_detector_run_flags_with_precision_one_and_whole_split_detection_at_rate_zero(make_cfg):
+    metrics, _ = train(make_cfg("method=filter", "method.detector=oracle", "trainer.limit_val_batches=1"))
+    assert metrics["train/nc_precision"] == 1.0 and metrics["train/nc_recall"] == 1.0
+    clean, _ = train(make_cfg("method=filter", "noise.rate=0.0", "trainer.limit_val_batches=1"))
+    # At rate 0 AUROC/AUPRC are undefined: left out, never NaN.
+    assert "pretrain/nc_auroc" not in clean and "pretrain/nc_precision" in clean
+    assert [k for k, v in clean.items() if v != v] == []
