@@ -501,7 +501,7 @@ def robustness_commands(sweep_dir: str, overrides: Sequence[str] = (), python: s
         [python, "train.py", "sweep=pretrain", *extra],
         *([python, "train.py", f"sweep={name}", f"hydra.sweep.dir={sweep_dir}/{name}", *extra]
           for name in ROBUSTNESS_SWEEPS),
-        [python, "-m", "ncu.report", sweep_dir, "--metrics", ROBUSTNESS_METRICS, "--gain"],
+        [python, "-m", "ncu.report", sweep_dir, "--metrics", ROBUSTNESS_METRICS, "--gain", "--ignore", "sweep"],
     ]
 
 

@@ -27,6 +27,10 @@ VARIANTS=(
   "method=ncu method.unlearn.detach_hn=true"
   "method=ncu_no_hn"
   "method=ncu method.unlearn.flagged_captions=drop"
+  # round 3, diagnosis: flagged rows out of the loss (their weight 0), then flagged captions out as well
+  # (what is left is filtering with OT soft targets on the clean rows instead of hard labels)
+  "method=ncu method.unlearn.w_flagged=0"
+  "method=ncu method.unlearn.w_flagged=0 method.unlearn.flagged_captions=drop"
 )
 ${VARIANTS_ONLY:+exit 0}
 "$PY" train.py method=pretrain_only $COMMON hydra.run.dir="$OUT/pretrain"  # fills the pre-training cache

@@ -107,7 +107,7 @@ def test_robustness_dry_run_prints_the_sweeps_and_the_report(capsys):
         "python train.py sweep=methods hydra.sweep.dir=logs/x/methods trainer=gpu",
         "python train.py sweep=noise_rates hydra.sweep.dir=logs/x/noise_rates trainer=gpu",
         "python train.py sweep=oracle hydra.sweep.dir=logs/x/oracle trainer=gpu",
-        f"python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain",
+        f"python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain --ignore sweep",
     ]
 
 
@@ -136,4 +136,4 @@ def test_robustness_jobs_use_the_joblib_launcher_with_one_thread_share_each(caps
     launcher = "hydra/launcher=joblib hydra.launcher.n_jobs=4"
     assert lines[0] == f"OMP_NUM_THREADS=2 python train.py sweep=pretrain {launcher}"
     assert lines[2] == f"OMP_NUM_THREADS=2 python train.py sweep=noise_rates hydra.sweep.dir=logs/x/noise_rates {launcher}"
-    assert lines[-1] == f"OMP_NUM_THREADS=2 python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain"
+    assert lines[-1] == f"OMP_NUM_THREADS=2 python -m ncu.report logs/x --metrics {bench.ROBUSTNESS_METRICS} --gain --ignore sweep"
