@@ -203,7 +203,9 @@ class CLIPUnlearner(L.LightningModule):
     @torch.no_grad()
     def detection_pass(self, loader: Any) -> dict[str, float]:
         """NC detection of the current model over a whole split, batch by batch as in training (eval mode,
-        the loader's transforms). Undefined metrics (AUROC with one class) are left out."""
+        the loader's transforms): its scores, and the per-batch quota of ``nc_ratio`` as flags whatever the
+        run's detector (this measures the model, not the oracle). Undefined metrics (AUROC with one class)
+        are left out."""
         was = self.training
         self.eval()
         meter = NCDetectionMeter().to(self.device)
@@ -213,7 +215,7 @@ class CLIPUnlearner(L.LightningModule):
             t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
             noisy = batch["noisy"].to(self.device)
             scores = ncu_obj.nc_scores(v, t, s)
-            meter.update(scores, noisy, self.flag(scores, noisy))
+            meter.update(scores, noisy, ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1)))
         self.train(was)
         return {k: val for k, val in meter.compute().items() if not math.isnan(val)}
 
