@@ -57,7 +57,8 @@ def _local_multirun() -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    from ncu.lit_module import OBJECTIVES
+    from ncu.lit_module import ANCHORS, DETECTORS, NEGATION_HEADS, OBJECTIVES
+    from ncu.objectives.ncu import FLAGGED_CAPTIONS, HN_CAPACITIES
     from ncu.models.factory import check_model_name
 
     rate = cfg.noise.rate
@@ -105,10 +106,10 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= ratio < 1:
         raise ConfigError(f"method.nc_ratio={ratio!r} is invalid: it must be in [0, 1)")
     detector = cfg.method.get("detector", "batch")
-    if detector not in ("batch", "oracle"):
-        raise ConfigError(f"method.detector={detector!r} is unknown; choose batch or oracle")
+    if detector not in DETECTORS:
+        raise ConfigError(f"method.detector={detector!r} is unknown; choose from {', '.join(DETECTORS)}")
     unlearn = cfg.method.get("unlearn") or {}
-    for key, choices in (("flagged_captions", ("target", "negative", "drop")), ("hn_capacity", ("uniform", "flagged"))):
+    for key, choices in (("flagged_captions", FLAGGED_CAPTIONS), ("hn_capacity", HN_CAPACITIES)):
         if unlearn.get(key, choices[0]) not in choices:
             raise ConfigError(f"method.unlearn.{key}={unlearn.get(key)!r} is unknown; choose from {', '.join(choices)}")
     gamma = cfg.method.get("gamma")
@@ -117,10 +118,9 @@ def validate(cfg: DictConfig) -> None:
     negation = cfg.method.get("negation") or {}
     if negation.get("mode", "none") not in ("none", "prompt", "template"):
         raise ConfigError(f"method.negation.mode={negation.get('mode')!r} is unknown; choose none, prompt or template")
-    if negation.get("head", "none") not in ("none", "rotation"):
-        raise ConfigError(f"method.negation.head={negation.get('head')!r} is unknown; choose none or rotation")
-    if negation.get("anchor", "none") not in ("none", "band"):
-        raise ConfigError(f"method.negation.anchor={negation.get('anchor')!r} is unknown; choose none or band")
+    for key, choices in (("head", NEGATION_HEADS), ("anchor", ANCHORS)):
+        if negation.get(key, "none") not in choices:
+            raise ConfigError(f"method.negation.{key}={negation.get(key)!r} is unknown; choose from {', '.join(choices)}")
     perturb = negation.get("perturb") or {}
     if negation.get("mode", "none") != "none" and perturb.get("enabled", True):
         from ncu.text_aug import CaptionPerturber, WordNetUnavailableError
