@@ -14,17 +14,21 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ncu.config import ConfigError  # also registers the ncu_run_dir resolver used by conf/evaluate.yaml
+# Light imports only before the checks; ncu.config also registers the ncu_run_dir resolver of conf/evaluate.yaml.
+from ncu.config import InputError, validate_eval
+from ncu.files import discard_unused_output
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from ncu.evaluation import evaluate
-
     try:
+        validate_eval(cfg)
+        from ncu.evaluation import evaluate
+
         evaluate(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        discard_unused_output(cfg.paths.output_dir)
         sys.exit(2)
 
 

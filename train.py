@@ -7,21 +7,29 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from ncu.config import ConfigError
+# Light imports only: a bad value is reported before torch, open_clip and lightning load.
+from ncu import resume
+from ncu.config import InputError, validate
+from ncu.files import discard_unused_output
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from ncu.run import train
-
     try:
+        validate(cfg)
+        resume.check(cfg, Path(cfg.paths.output_dir))
+        from ncu.run import train
+
         metrics, _ = train(cfg)
-    except ConfigError as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if not cfg.get("resume"):
+            discard_unused_output(cfg.paths.output_dir)
         sys.exit(2)
     return metrics.get("val/rsum")
 

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
+import math
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ncu.data.noise import PROTOCOLS
+from ncu.choices import (ANCHORS, DETECTORS, FLAGGED_CAPTIONS, HN_CAPACITIES, NEGATION_HEADS, NEGATION_MODES,
+                         NOISE_PROTOCOLS, OBJECTIVES)
+from ncu.errors import ConfigError, InputError  # noqa: F401 - the entry points import them from here
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the key and the problem."""
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train",
@@ -56,42 +57,107 @@ def _local_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def validate(cfg: DictConfig) -> None:
-    from ncu.lit_module import ANCHORS, DETECTORS, NEGATION_HEADS, OBJECTIVES
-    from ncu.objectives.ncu import FLAGGED_CAPTIONS, HN_CAPACITIES
-    from ncu.models.factory import check_model_name
+def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """``value`` is a finite number (an integer with ``integer``) inside the given bounds, else ConfigError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bounds = "".join([f" {'>' if low_open else '>='} {low:g}" if low is not None else "",
+                          " and" if low is not None and high is not None else "",
+                          f" {'<' if high_open else '<='} {high:g}" if high is not None else ""])
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {kind}{bounds}")
 
+
+def _choice(value: Any, key: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown; choose from {', '.join(choices)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every value that can be checked without data or model, with a one-line ConfigError naming its key.
+
+    Imports nothing heavy (no torch, open_clip or lightning): entry points call it first, so a typo costs
+    seconds, not a model build."""
+    _number(cfg.seed, "seed", integer=True)
+    _validate_noise(cfg)
+    _validate_model(cfg)
+    _validate_data(cfg)
+    _validate_method(cfg)
+    _validate_solver(cfg)
+    if _local_multirun() and "ddp" in str(cfg.trainer.get("strategy")) and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError("trainer=ddp inside a local multirun: use hydra/launcher=slurm, or run the points one by one")
+    plan = plan_stages(cfg)
+    if not plan:
+        raise ConfigError("the run has no stage: method.stages is empty and pre-training is off")
+    for name, stage in plan:
+        _validate_stage(name, stage)
+
+
+def _validate_noise(cfg: DictConfig) -> None:
     rate = cfg.noise.rate
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
         raise ConfigError(f"noise.rate={rate!r} is invalid: it must be a number in [0, 1)")
-    if cfg.noise.protocol not in PROTOCOLS:
-        raise ConfigError(f"noise.protocol={cfg.noise.protocol!r} is unknown; choose from {', '.join(PROTOCOLS)}")
-    try:
-        check_model_name(cfg.model.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    _choice(cfg.noise.protocol, "noise.protocol", NOISE_PROTOCOLS)
+    _number(cfg.noise.get("seed", 0), "noise.seed", integer=True)
+    if cfg.noise.get("n_clusters") is not None:
+        _number(cfg.noise.n_clusters, "noise.n_clusters", low=1, integer=True)
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    known = known_model_names()
+    name = cfg.model.name
+    if known is not None and name not in known and not str(name).startswith(("hf-hub:", "local-dir:")):
+        small = sorted(n for n in known if n.startswith("ncu-"))
+        raise ConfigError(f"unknown model.name {name!r}: not an open_clip architecture. Small ones shipped here: "
+                          f"{small}; `python -c 'import open_clip; print(open_clip.list_models())'` lists the rest")
     pretrained = cfg.model.pretrained
     if pretrained is not None and ("/" in str(pretrained) or Path(str(pretrained)).suffix):
         if not Path(str(pretrained)).exists():
             raise ConfigError(f"model.pretrained={pretrained!r}: file not found")
+
+
+def known_model_names() -> set[str] | None:
+    """open_clip's architecture names (the configs it ships) and ours, read without importing open_clip;
+    None when its config folder cannot be found (the model factory then checks the name)."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    folders = [f for f in folders if f.is_dir()]
+    if not folders:
+        return None
+    ours = Path(__file__).parent / "models" / "configs"
+    return {p.stem for folder in [*folders, ours] for p in folder.glob("*.json")}
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    data = cfg.data
     if cfg.data.get("source") == "csv":
         path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
-        if not path or not Path(path).is_file():
+        if not path:
+            raise ConfigError("data.path is not set: data=csv needs a CSV/TSV of pairs (data.path=/data/pairs.csv)")
+        if not Path(path).is_file():
             raise ConfigError(f"data.path={path!r}: file not found (data=csv needs a CSV/TSV of pairs)")
-        # Only the header row: a wrong column name fails here, before any image is read.
+        # Header and first row only: a wrong column name or an empty table fails here, before any image is read.
         import pandas as pd
 
         from ncu.data.sources import require_columns
 
-        roles = {f"data.{r}": cfg.data.get(r) for r in ("image_key", "caption_key", "category_key", "key_key")}
+        roles = {f"data.{r}": data.get(r) for r in ("image_key", "caption_key", "category_key", "key_key")}
         try:
-            require_columns(path, cfg.data.get("sep"), roles, sep_hint="set data.sep")
+            rows = require_columns(path, data.get("sep"), roles, sep_hint="set data.sep")
         except pd.errors.EmptyDataError:
             raise ConfigError(f"data.path={path!r}: the file is empty (a header row is needed)") from None
-        except ValueError as e:
+        except (ValueError, pd.errors.ParserError) as e:
             raise ConfigError(str(e)) from None  # names the file, the column, its data.* key and those found
+        if not rows:
+            raise ConfigError(f"data.path={path!r}: the table has a header but no data rows")
     elif cfg.data.get("source") == "wds":
-        from ncu.data.wds import expand_shards
+        from ncu.data.shardlist import expand_shards
 
         spec = OmegaConf.select(cfg, "data.shards", throw_on_missing=False)
         shards = expand_shards(spec) if spec else []
@@ -100,29 +166,52 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.shards={spec!r}: {len(missing)} of {len(shards)} shards not found "
                               f"(e.g. {missing[:3]}); data=wds needs tar shards, "
                               "e.g. 'data.shards=\"/data/cc3m/{00000..00331}.tar\"'")
-    if cfg.data.batch_size < 2:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is invalid: contrastive training needs >= 2")
-    ratio = cfg.method.get("nc_ratio", 0.0)
-    if not 0 <= ratio < 1:
-        raise ConfigError(f"method.nc_ratio={ratio!r} is invalid: it must be in [0, 1)")
-    detector = cfg.method.get("detector", "batch")
-    if detector not in DETECTORS:
-        raise ConfigError(f"method.detector={detector!r} is unknown; choose from {', '.join(DETECTORS)}")
-    unlearn = cfg.method.get("unlearn") or {}
-    for key, choices in (("flagged_captions", FLAGGED_CAPTIONS), ("hn_capacity", HN_CAPACITIES)):
-        if unlearn.get(key, choices[0]) not in choices:
-            raise ConfigError(f"method.unlearn.{key}={unlearn.get(key)!r} is unknown; choose from {', '.join(choices)}")
-    gamma = cfg.method.get("gamma")
-    if gamma is not None and not 0 <= gamma <= 1:
-        raise ConfigError(f"method.gamma={gamma!r} is invalid: it must be in [0, 1]")
-    negation = cfg.method.get("negation") or {}
-    if negation.get("mode", "none") not in ("none", "prompt", "template"):
-        raise ConfigError(f"method.negation.mode={negation.get('mode')!r} is unknown; choose none, prompt or template")
-    for key, choices in (("head", NEGATION_HEADS), ("anchor", ANCHORS)):
-        if negation.get(key, "none") not in choices:
-            raise ConfigError(f"method.negation.{key}={negation.get(key)!r} is unknown; choose from {', '.join(choices)}")
+    batch = data.batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 2:
+        raise ConfigError(f"data.batch_size={batch!r} is invalid: contrastive training needs an integer >= 2")
+    _number(data.get("eval_batch_size", 1), "data.eval_batch_size", low=1, integer=True)
+    _number(data.get("num_workers", 0), "data.num_workers", low=0, integer=True)
+    fracs = {k: data.get(k) for k in ("val_frac", "test_frac") if data.get(k) is not None}
+    for key, value in fracs.items():
+        _number(value, f"data.{key}", low=0, high=1, high_open=True)
+    if sum(fracs.values()) >= 1:
+        raise ConfigError(f"data.val_frac + data.test_frac = {sum(fracs.values()):g} leaves no training data")
+    for key in ("limit", "eval_max_pairs"):
+        if data.get(key) is not None:
+            _number(data.get(key), f"data.{key}", low=1, integer=True)
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    method = cfg.method
+    _number(method.get("nc_ratio", 0.0), "method.nc_ratio", low=0, high=1, high_open=True)
+    _choice(method.get("detector", "batch"), "method.detector", DETECTORS)
+    if method.get("gamma") is not None:
+        _number(method.gamma, "method.gamma", low=0, high=1)
+    band = method.get("band")
+    if band is not None:
+        if len(band) != 2 or not all(isinstance(b, (int, float)) for b in band) or not -1 <= band[0] < band[1] <= 1:
+            raise ConfigError(f"method.band={list(band)!r} is invalid: it must be [low, high] with -1 <= low < high <= 1")
+    unlearn = method.get("unlearn") or {}
+    _choice(unlearn.get("flagged_captions", FLAGGED_CAPTIONS[0]), "method.unlearn.flagged_captions", FLAGGED_CAPTIONS)
+    _choice(unlearn.get("hn_capacity", HN_CAPACITIES[0]), "method.unlearn.hn_capacity", HN_CAPACITIES)
+    for key in ("w_band", "w_flagged"):
+        if unlearn.get(key) is not None:
+            _number(unlearn[key], f"method.unlearn.{key}", low=0)
+    for key, value in (method.get("stage1") or {}).items():
+        if key.startswith("w_"):
+            _number(value, f"method.stage1.{key}", low=0)
+    negation = method.get("negation") or {}
+    mode = negation.get("mode", "none")
+    _choice(mode, "method.negation.mode", NEGATION_MODES)
+    _choice(negation.get("head", "none"), "method.negation.head", NEGATION_HEADS)
+    _choice(negation.get("anchor", "none"), "method.negation.anchor", ANCHORS)
+    if negation.get("n_ctx") is not None:
+        _number(negation.n_ctx, "method.negation.n_ctx", low=1, integer=True)
+    for key in ("anchor_cos", "head_cos"):
+        if negation.get(key) is not None:
+            _number(negation[key], f"method.negation.{key}", low=-1, high=1, low_open=True, high_open=True)
     perturb = negation.get("perturb") or {}
-    if negation.get("mode", "none") != "none" and perturb.get("enabled", True):
+    if mode != "none" and perturb.get("enabled", True):
         from ncu.text_aug import CaptionPerturber, WordNetUnavailableError
 
         try:
@@ -130,18 +219,53 @@ def validate(cfg: DictConfig) -> None:
                              require_wordnet=perturb.get("require_wordnet", True))
         except (WordNetUnavailableError, ValueError) as e:
             raise ConfigError(f"method.negation.perturb: {e}") from None
-    if _local_multirun() and "ddp" in str(cfg.trainer.get("strategy")) and "SLURM_NTASKS" not in os.environ:
-        raise ConfigError("trainer=ddp inside a local multirun: use hydra/launcher=slurm, or run the points one by one")
-    plan = plan_stages(cfg)
-    if not plan:
-        raise ConfigError("the run has no stage: method.stages is empty and pre-training is off")
-    for name, stage in plan:
-        if stage["objective"] not in OBJECTIVES:
-            raise ConfigError(f"stage {name!r}: objective {stage['objective']!r} is unknown; choose from {OBJECTIVES}")
-        if not isinstance(stage["epochs"], int) or stage["epochs"] < 1:
-            raise ConfigError(f"stage {name!r}: epochs={stage['epochs']!r} must be a positive integer")
-        if stage["lr"] <= 0:
-            raise ConfigError(f"stage {name!r}: lr={stage['lr']!r} must be positive")
+
+
+def _validate_solver(cfg: DictConfig) -> None:
+    solver = cfg.get("solver")
+    if not solver:
+        return
+    if solver.get("reg") is not None:
+        _number(solver.reg, "solver.reg", low=0, low_open=True)
+    if solver.get("max_iter") is not None:
+        _number(solver.max_iter, "solver.max_iter", low=1, integer=True)
+    if solver.get("tol") is not None:
+        _number(solver.tol, "solver.tol", low=0, low_open=True)
+    if solver.get("max_size") is not None:
+        _number(solver.max_size, "solver.max_size", low=2, integer=True)
+
+
+def _validate_stage(name: str, stage: dict) -> None:
+    where = f"stage {name!r}"
+    _choice(stage["objective"], f"{where}: objective", OBJECTIVES)
+    if not isinstance(stage["epochs"], int) or isinstance(stage["epochs"], bool) or stage["epochs"] < 1:
+        raise ConfigError(f"{where}: epochs={stage['epochs']!r} must be a positive integer")
+    _number(stage["lr"], f"{where}: lr", low=0, low_open=True)
+    _number(stage.get("weight_decay", 0.0), f"{where}: weight_decay", low=0)
+    warmup = stage.get("warmup", 0)
+    _number(warmup, f"{where}: warmup", low=0)
+    if warmup >= 1 and not float(warmup).is_integer():
+        raise ConfigError(f"{where}: warmup={warmup!r} must be a fraction (< 1) of the steps or a step count")
+    _number(stage.get("min_lr_ratio", 0.0), f"{where}: min_lr_ratio", low=0, high=1)
+    _number(stage.get("freeze_text_blocks", 0), f"{where}: freeze_text_blocks", low=0)
+    for gname, group in (stage.get("groups") or {}).items():
+        if not isinstance(group, dict) or not group.get("params"):
+            raise ConfigError(f"{where}: groups.{gname} needs params (a list of name patterns)")
+        if group.get("lr") is not None:
+            _number(group["lr"], f"{where}: groups.{gname}.lr", low=0, low_open=True)
+        if group.get("weight_decay") is not None:
+            _number(group["weight_decay"], f"{where}: groups.{gname}.weight_decay", low=0)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """evaluate.py's checks that need neither model nor data."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError("ckpt_path is not set: pass ckpt_path=<run_dir>/checkpoints/last.ckpt, or "
+                          "ckpt_path=pretrained model=<name> model.pretrained=<tag or file>")
+    if cfg.ckpt_path != "pretrained" and not Path(str(cfg.ckpt_path)).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: file not found")
+    if cfg.ckpt_path == "pretrained":
+        _validate_model(cfg)
 
 
 def run_dir_of(ckpt_path: str | None, default: str = "logs/eval") -> str:

@@ -84,7 +84,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ncu.config import ConfigError
-from ncu.models.factory import ModelBundle, create
+from ncu.models.factory import ModelBundle, create, read_checkpoint
 from ncu.run import build, single_log_stream, test_metrics, write_json
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ def columns_of(task: dict, defaults: dict[str, str]) -> dict[str, str]:
 def load_run_config(ckpt_path: str) -> DictConfig:
     """The resolved config a checkpoint was trained with (stored in its hyper-parameters)."""
     if not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path not found: {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    config = (ckpt.get("hyper_parameters") or {}).get("config")
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: file not found")
+    ckpt = read_checkpoint(ckpt_path)
+    config = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
     if not config:
         raise ConfigError(f"{ckpt_path} carries no run config: was it written by train.py?")
     return OmegaConf.create(config)
@@ -313,7 +313,7 @@ def _in_memory_split(ctx: Context, split: str):
 
 def _own_images(ctx: Context, split: str) -> tuple[list, list[str]]:
     """Each row's own image of a split (not the image a noisy training pair shows) and its category."""
-    from ncu.data.datamodule import load_image
+    from ncu.data.images import load_image
 
     ds = _in_memory_split(ctx, split)
     cats = [str(c) for c in ds.frame["category"]]

@@ -22,3 +22,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def discard_unused_output(folder: str | os.PathLike, levels: int = 3) -> None:
+    """Remove a run folder that holds nothing but Hydra's record of the start (``.hydra/``, ``*.log``), then
+    the parents left empty (up to ``levels``): a command refused at start leaves no folder behind."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in list(folder.parents)[:levels]:
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break

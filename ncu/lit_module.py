@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from open_clip.loss import ClipLoss
 
 from ncu import stages
+from ncu.choices import ANCHORS, DETECTORS, NEGATION_HEADS, OBJECTIVES
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
@@ -27,11 +28,6 @@ from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
 
 LOG_SCALE_MAX = math.log(100.0)
-NCU_OBJECTIVES = ("ncu_hn", "ncu_unlearn")
-OBJECTIVES = ("clip", "filter", "grad_ascent") + NCU_OBJECTIVES
-DETECTORS = ("batch", "oracle")
-ANCHORS = ("none", "band")
-NEGATION_HEADS = ("none", "rotation")
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
 
 

@@ -96,7 +96,7 @@ def test_detection_figures_against_the_noise_artifact(smoke_run, embedded_eval):
 
 
 def test_category_probe_uses_each_training_row_own_image(embedded_eval):
-    from ncu.data.datamodule import load_image
+    from ncu.data.images import load_image
     from ncu.evaluation import _own_images
 
     _, objects = embedded_eval

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ncu.data.datamodule import load_image
+from ncu.data.images import load_image
 from ncu.data.sources import clean_caption, read_pairs_csv, read_retrieval_csv, verify_images
 
 
@@ -67,7 +67,7 @@ def test_csv_relative_paths_keys_and_caption_stats(tmp_path):
     assert df["caption"].tolist() == ["a red square", "12", "blue, a palette"]
     assert df["category"].tolist() == ["shapes", "digits", "shapes"]
     assert stats == {"rows": 6, "kept": 3, "empty_captions": 2, "non_string_captions": 1,
-                     "missing_image_paths": 1}
+                     "missing_image_paths": 1, "bad_text": 0}
 
 
 def test_csv_absolute_path_and_key_column(tmp_path):

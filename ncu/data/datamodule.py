@@ -26,24 +26,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ncu.data import noise as noise_lib
 from ncu.data.embedded import embedded_pairs, split_of, unit_hash
+from ncu.data.images import load_image
+from ncu.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def load_image(path: Any, max_side: int | None = None) -> Image.Image:
-    """RGB image; transparent pixels are composited on white (emoji and stamps are drawn on alpha).
-
-    ``path`` is a file path or a binary file object (image bytes read from a shard)."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-    if max_side and max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.BICUBIC)
-    return im
 
 
 def load_frame(cfg: dict) -> pd.DataFrame:
@@ -288,6 +274,18 @@ class PairDataModule(L.LightningDataModule):
         log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
                  "reused" if reused else "created", self.noise_artifact.realised_rate)
 
+    def _check_split_sizes(self, parts: dict[str, pd.DataFrame], source: str) -> None:
+        """Refuse, before any noise artifact or model work, a training split smaller than one batch and an
+        evaluation split with fewer than two pairs (retrieval ranks a pair against the others)."""
+        sizes = {name: len(part) for name, part in parts.items()}
+        if sizes["train"] < self.batch_size:
+            raise DataError(f"{source}: the training split has {sizes['train']} pairs, fewer than one batch "
+                            f"(data.batch_size={self.batch_size}); split sizes {sizes}")
+        small = [name for name in ("val", "test") if sizes[name] < 2]
+        if small:
+            raise DataError(f"{source}: the {' and '.join(small)} split has fewer than 2 pairs ({sizes}); "
+                            "more data, or larger evaluation splits (data.val_frac / data.test_frac)")
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -305,8 +303,10 @@ class PairDataModule(L.LightningDataModule):
             zs = frame[split == "zeroshot"].reset_index(drop=True)
             self.datasets["zeroshot"] = PairDataset(zs, self.preprocess_val, self.tokenizer, max_side=max_side)
             self.zeroshot_classnames = sorted(zs["category"].unique().tolist())
-        for name in ("train", "val", "test"):
-            part = self._subsample(frame[split == name].reset_index(drop=True), name)
+        parts = {name: self._subsample(frame[split == name].reset_index(drop=True), name)
+                 for name in ("train", "val", "test")}
+        self._check_split_sizes(parts, f"data.source={self.source!r}")
+        for name, part in parts.items():
             if name == "train":
                 self._build_noise(frame, part)
                 ds = PairDataset(part, self.preprocess_train, self.tokenizer, self.noise_artifact.perm,
@@ -330,9 +330,8 @@ class PairDataModule(L.LightningDataModule):
         split = index["key"].map(lambda k: split_of(k, val_frac, test_frac))
         parts = {name: self._subsample(index[split == name].reset_index(drop=True), name)
                  for name in ("train", "val", "test")}
+        self._check_split_sizes(parts, f"data.shards={cfg['shards']!r} (index: {self.source_stats})")
         train = parts["train"]
-        if len(train) == 0:
-            raise ValueError(f"data.shards={cfg['shards']!r}: no training pair (index: {self.source_stats})")
         self._build_noise(index, train)
         max_side = cfg.get("max_side", 128)
         stream = ShardPairs.from_artifact(train, self.noise_artifact, transform=self.preprocess_train,

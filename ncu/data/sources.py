@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from ncu.data.datamodule import load_image
+from ncu.data.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ def _read_table(path: str | os.PathLike, sep: str | None,
     sep = _separator(path, sep)
     # TSV captions contain bare quotes (CC3M): quoting would swallow tabs and rows, so it is off for tabs.
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    # Web captions carry stray non-UTF-8 bytes: each becomes U+FFFD and the rows are counted (bad_text).
     df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting,
-                     header=None if names else "infer", names=names, nrows=nrows)
+                     header=None if names else "infer", names=names, nrows=nrows, encoding_errors="replace")
     return df, path
 
 
@@ -74,10 +75,12 @@ def _require(df: pd.DataFrame, path: Path, columns: dict[str, str | None], sep_h
 
 
 def require_columns(path: str | os.PathLike, sep: str | None, columns: dict[str, str | None],
-                    sep_hint: str = "pass sep=") -> None:
-    """Check ``{role: column}`` against the header row only, so a wrong name fails before any row is read."""
-    df, path = _read_table(path, sep, None, nrows=0)
+                    sep_hint: str = "pass sep=") -> int:
+    """Check ``{role: column}`` against the header row and read one data row only, so a wrong name fails
+    before the table is read. Returns the number of data rows read (0: a header-only table)."""
+    df, path = _read_table(path, sep, None, nrows=1)
     _require(df, path, columns, sep_hint)
+    return len(df)
 
 
 def _resolve(p: Any, base: Path) -> str | None:
@@ -107,14 +110,18 @@ def read_pairs_csv(
     - category: the ``category_key`` column, else ``""``.
 
     Returns ``(frame, stats)``; stats counts ``rows``, ``kept``, ``empty_captions``, ``non_string_captions``,
-    ``missing_image_paths`` (rows with an empty image cell, dropped).
+    ``missing_image_paths`` (rows with an empty image cell, dropped) and ``bad_text`` (captions with bytes
+    that are not UTF-8, each replaced by U+FFFD and the row kept).
     """
     df, path = _read_table(path, sep, names)
     _require(df, path, {"image_key": image_key, "caption_key": caption_key, "category_key": category_key,
                         "key_key": key_key})
     base = path.parent
     stats = {"rows": len(df), "kept": 0, "empty_captions": 0, "non_string_captions": 0,
-             "missing_image_paths": 0}
+             "missing_image_paths": 0,
+             "bad_text": int(df[caption_key].str.contains("\ufffd", regex=False, na=False).sum())}
+    if stats["bad_text"]:
+        log.warning("%s: %d captions had bytes that are not UTF-8 (replaced by U+FFFD)", path, stats["bad_text"])
     rows = []
     keys = df[key_key].tolist() if key_key else [f"row{i}" for i in range(len(df))]
     cats = df[category_key].tolist() if category_key else [""] * len(df)

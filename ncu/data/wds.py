@@ -31,11 +31,10 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
 import time
+import zipfile
 import zlib
-from glob import glob
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -43,7 +42,8 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ncu.data.datamodule import load_image
+from ncu.data.images import load_image
+from ncu.data.shardlist import expand_shards
 from ncu.data.sources import clean_caption
 from ncu.files import atomic_path
 
@@ -51,65 +51,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text")
-_BRACE = re.compile(r"\{([^{}]*)\}")
 _SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
-
-
-# --------------------------------------------------------------------------------------------- shard lists
-def _split_top(spec: str) -> list[str]:
-    """Split on ``::`` and ``,`` outside braces."""
-    parts, depth, cur, i = [], 0, [], 0
-    while i < len(spec):
-        ch = spec[i]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        if depth == 0 and (spec.startswith("::", i) or ch == ","):
-            parts.append("".join(cur))
-            cur = []
-            i += 2 if ch == ":" else 1
-            continue
-        cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _brace_items(body: str) -> list[str]:
-    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?", body)
-    if m is None:
-        return body.split(",")  # {a,b,c}
-    a, b, step = m.group(1), m.group(2), int(m.group(3) or 1)
-    lo, hi = int(a), int(b)
-    # Zero padding is kept when either bound is written with a leading zero ({00000..00012}).
-    padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-")[0] == "0" for x in (a, b))
-    width = max(len(a), len(b)) if padded else 0
-    values = range(lo, hi + 1, step) if lo <= hi else range(lo, hi - 1, -step)
-    return [str(v).zfill(width) for v in values]
-
-
-def _expand_one(pattern: str) -> list[str]:
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    head, tail = pattern[: m.start()], pattern[m.end():]
-    return [x for item in _brace_items(m.group(1)) for x in _expand_one(head + item + tail)]
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard paths from ``data/{00000..00012}.tar`` (padding kept), ``{a,b}`` lists, ``::``- or
-    comma-separated lists, and glob patterns (``*``, ``?``, sorted). A list is expanded item by item."""
-    if not isinstance(spec, str):
-        return [p for s in spec for p in expand_shards(s)]
-    out: list[str] = []
-    for part in _split_top(spec):
-        for path in _expand_one(part):
-            if any(c in path for c in "*?[") and not os.path.exists(path):
-                out.extend(sorted(glob(path)))
-            else:
-                out.append(path)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- tar members
@@ -128,6 +70,7 @@ def iter_samples(shard: str, read_images: bool = True) -> Iterator[tuple[str, di
     With ``read_images=False`` image members are only noted (empty bytes): the index pass skips their data.
     """
     with tarfile.open(shard, "r|*") as tf:
+        plain = tf.fileobj.comptype == "tar"  # uncompressed: the end-of-archive check below
         key, parts = None, {}
         for member in tf:
             if not member.isfile():
@@ -144,6 +87,10 @@ def iter_samples(shard: str, read_images: bool = True) -> Iterator[tuple[str, di
                 parts[ext] = tf.extractfile(member).read() if read_images else b""
             elif ext in ("txt", "json"):
                 parts[ext] = tf.extractfile(member).read()
+        if plain and os.path.getsize(shard) < tf.offset + 2 * tarfile.BLOCKSIZE:
+            # tarfile takes end of file for the end of the archive; a tar cut at a member boundary would
+            # read as a shorter shard. Every tar writer ends the archive with two zero blocks.
+            raise tarfile.ReadError("no end-of-archive marker: the file is truncated")
         if key is not None:
             yield key, parts
 
@@ -154,16 +101,19 @@ def samples_until_broken(shard: str, read_images: bool = True,
     """``iter_samples`` that stops at a truncated or unreadable shard (logged, ``on_error`` called) instead
     of raising, so one bad shard never ends an epoch."""
     samples = iter_samples(shard, read_images=read_images)
+    n = 0
     while True:
         try:
             item = next(samples)
         except StopIteration:
             return
         except _SHARD_ERRORS as e:
-            log.warning("shard %s unreadable (%s: %s); moving on", shard, type(e).__name__, e)
+            log.warning("shard %s is truncated or unreadable after %d samples (%s: %s); the rest of it is "
+                        "skipped", shard, n, type(e).__name__, e)
             if on_error is not None:
                 on_error(e)
             return
+        n += 1
         yield item
 
 def sample_meta(parts: Mapping[str, bytes]) -> dict[str, Any]:
@@ -235,8 +185,13 @@ def save_index(index: pd.DataFrame, path: str | os.PathLike) -> None:
 
 def load_index(path: str | os.PathLike, shards: Sequence[str] | None = None) -> pd.DataFrame | None:
     """The cached index, or None when ``shards`` (list or sizes) differ from those it was built from."""
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
         cached = json.loads(str(z["shards"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("index cache %s is unreadable (%s): rebuilding it", path, type(e).__name__)
+        return None
+    with z:
         if shards is not None and (list(shards) != cached or not np.array_equal(_shard_sizes(cached),
                                                                                  z["shard_sizes"])):
             return None

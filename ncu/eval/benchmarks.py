@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from ncu.data.datamodule import load_image
+from ncu.data.images import load_image
 from ncu.eval.linear_probe import stratified_split
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ncu.choices import FLAGGED_CAPTIONS, HN_CAPACITIES
+
 Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 __all__ = [
@@ -183,8 +185,6 @@ def hard_labels(nc: torch.Tensor, use_hn: bool = True) -> torch.Tensor:
     return labels
 
 
-FLAGGED_CAPTIONS = ("target", "negative", "drop")
-HN_CAPACITIES = ("uniform", "flagged")
 
 
 def ot_targets(

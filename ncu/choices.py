@@ -1,0 +1,12 @@
+"""The names a config may choose from, kept free of heavy imports so that start-up checks are fast."""
+from __future__ import annotations
+
+OBJECTIVES = ("clip", "filter", "grad_ascent", "ncu_hn", "ncu_unlearn")
+DETECTORS = ("batch", "oracle")
+ANCHORS = ("none", "band")
+NEGATION_HEADS = ("none", "rotation")
+NEGATION_MODES = ("none", "prompt", "template")
+# Stage 2: how flagged captions enter the targets, and the capacity of the hardest-negative column.
+FLAGGED_CAPTIONS = ("target", "negative", "drop")
+HN_CAPACITIES = ("uniform", "flagged")
+NOISE_PROTOCOLS = ("none", "caption", "image", "random_replace", "semantic")
