@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ncu.data.datamodule import PairDataModule, load_image
+from ncu.data.datamodule import PairDataModule
+from ncu.data.images import load_image
 from ncu.data.embedded import embedded_pairs, split_of
 
 NOISE = {"protocol": "caption", "rate": 0.4, "seed": 3}
@@ -68,12 +69,16 @@ def test_noise_depends_on_noise_seed_only_and_is_reused(tmp_path):
     assert (a.perm == b.perm).all()
     c = _dm(tmp_path / "c", noise={**NOISE, "seed": 4}).noise_artifact
     assert (a.perm != c.perm).any()
-    # the stored artifact is reused as is (even if the code that makes it changed)
+    # a stored artifact is reused as is (even if the code that makes it changed): here another valid
+    # corruption saved in its place, with its own record
+    from ncu.data.noise import NoiseArtifact
+
     folder = _dm(tmp_path).noise_folder
-    perm = np.load(folder / "perm.npy")
-    np.save(folder / "perm.npy", perm[::-1].copy())
+    n = len(a.perm)
+    other = np.roll(np.arange(n), 1)
+    NoiseArtifact(a.keys, other, other != np.arange(n), {**a.meta, "num_noisy": n}).save(folder)
     reused = _dm(tmp_path).noise_artifact
-    assert (reused.perm == perm[::-1]).all()
+    assert (reused.perm == other).all()
 
 
 def test_clean_rate_zero(tmp_path):

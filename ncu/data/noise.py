@@ -25,9 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ncu.choices import NOISE_PROTOCOLS
+from ncu.errors import ArtifactError
 from ncu.files import atomic_path
 
-PROTOCOLS = ("none", "caption", "image", "random_replace", "semantic")
+PROTOCOLS = NOISE_PROTOCOLS
+ARTIFACT_FILES = ("perm.npy", "noisy_mask.npy", "keys.npy")
 
 
 def check_rate(rate: float) -> float:
@@ -186,24 +189,73 @@ class NoiseArtifact:
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         # Each file is written atomically and meta.json last: a folder with meta.json holds a whole artifact.
+        # meta.json records each file's hash, so a file changed or replaced later is refused on reuse.
+        hashes = {}
         for name, arr in (("perm.npy", self.perm), ("noisy_mask.npy", self.noisy_mask),
                           ("keys.npy", self.keys.astype(str))):
             with atomic_path(folder / name) as tmp:
                 np.save(tmp, arr)
+            hashes[name] = file_sha256(folder / name)
+        self.meta = {**self.meta, "sha256": hashes}
         with atomic_path(folder / "meta.json") as tmp:
             tmp.write_text(json.dumps(self.meta, indent=2))
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "NoiseArtifact":
+        """The artifact in ``folder``, checked: every file readable, equal to the hash meta.json recorded,
+        and consistent (lengths N, ``noisy_mask == (perm != identity)``, the count and key fingerprint of
+        meta.json). Anything else raises ``ArtifactError`` naming the folder and how to rebuild it."""
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        return cls(
-            keys=np.load(folder / "keys.npy"),
-            perm=np.load(folder / "perm.npy"),
-            noisy_mask=np.load(folder / "noisy_mask.npy"),
-            meta=meta,
-        )
+
+        def bad(problem: str) -> ArtifactError:
+            return ArtifactError(f"noise artifact {folder}: {problem}; delete the folder to rebuild it "
+                                 f"(rm -r {folder})")
+
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise bad(f"meta.json is unreadable ({type(e).__name__})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("N"), int):
+            raise bad("meta.json has no N")
+        arrays = {}
+        for name in ARTIFACT_FILES:
+            try:
+                arrays[name] = np.load(folder / name, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise bad(f"{name} is unreadable ({type(e).__name__}: {e})") from None
+        for name, digest in (meta.get("sha256") or {}).items():
+            if file_sha256(folder / name) != digest:
+                raise bad(f"{name} differs from the file meta.json recorded (changed after it was written)")
+        art = cls(keys=arrays["keys.npy"], perm=arrays["perm.npy"], noisy_mask=arrays["noisy_mask.npy"], meta=meta)
+        problem = art.inconsistency()
+        if problem:
+            raise bad(problem)
+        return art
+
+    def inconsistency(self) -> str | None:
+        """What contradicts the artifact's own record, or None."""
+        n = self.meta["N"]
+        for name, arr in (("perm", self.perm), ("noisy_mask", self.noisy_mask), ("keys", self.keys)):
+            if arr.ndim != 1 or len(arr) != n:
+                return f"{name}.npy has shape {arr.shape}, meta.json says N={n}"
+        if not np.issubdtype(self.perm.dtype, np.integer) or (n and (self.perm.min() < 0 or self.perm.max() >= n)):
+            return f"perm.npy is not a list of image indices in [0, {n})"
+        if self.noisy_mask.dtype != bool or not np.array_equal(self.noisy_mask, self.perm != np.arange(n)):
+            return "noisy_mask.npy does not mark the captions that perm.npy moves"
+        if int(self.noisy_mask.sum()) != self.meta.get("num_noisy", int(self.noisy_mask.sum())):
+            return f"{int(self.noisy_mask.sum())} noisy captions, meta.json says {self.meta.get('num_noisy')}"
+        if fingerprint(self.keys) != self.meta.get("fingerprint"):
+            return "keys.npy does not match the fingerprint in meta.json"
+        return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def artifact_dir(root: str | os.PathLike, dataset: str, protocol: str, rate: float, seed: int,
@@ -237,7 +289,7 @@ def build_or_load(
     if (folder / "meta.json").exists():
         art = NoiseArtifact.load(folder)
         if art.meta.get("fingerprint") != fp:
-            raise ValueError(
+            raise ArtifactError(
                 f"noise artifact {folder} was made for another dataset (fingerprint "
                 f"{art.meta.get('fingerprint')} != {fp}, N={art.meta.get('N')} vs {len(keys)}); "
                 "delete it or point paths.noise_dir elsewhere"
