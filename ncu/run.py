@@ -18,8 +18,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from ncu import resume
 from ncu.callbacks import DashboardImages
 from ncu.config import ConfigError, plan_stages, validate
+from ncu.errors import CheckpointError
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
 from ncu.files import atomic_path
 from ncu.lit_module import CLIPUnlearner
@@ -194,8 +196,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    progress = resume.start(cfg, run_dir)  # refuses a resume into a folder made by another config
     L.seed_everything(cfg.seed, workers=True)
     bundle, dm, module = build(cfg)
+    resume.record(cfg, run_dir)
     art = dm.noise_artifact
     metrics: dict[str, float] = {
         "noise/realised_rate": art.realised_rate, "noise/num_noisy": float(art.noisy_mask.sum()),
@@ -207,9 +211,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **metrics})
     plan = plan_stages(cfg)
-    progress = read_progress(run_dir) if cfg.get("resume") == "auto" else {"completed": [], "metrics": {}, "step": 0}
     metrics.update(progress["metrics"])
-    trainer, step, fit_metrics = None, progress["step"], {}
+    trainer, step, fit_metrics = None, progress["step"], dict(progress.get("fit_metrics", {}))
     n_done = len(progress["completed"])  # stages a previous attempt finished (resume=auto)
     try:
         for index, (name, stage) in enumerate(plan):
@@ -229,9 +232,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if index == 0 and name != "pretrain":
                 metrics.update(entry_metrics(cfg, trainer, module, dm))  # the model as given
             cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
-            if cache is not None and cache.exists():
+            if cache is not None and load_cached_pretrain(module, cache):
                 log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(plan), name, cache)
-                factory.load_run_checkpoint(module.model, str(cache))
                 copy_atomic(cache, ckpt)
             else:
                 resume_from = mid_stage_checkpoint(run_dir, index) if cfg.get("resume") == "auto" else None
@@ -250,7 +252,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if name == "pretrain":
                 metrics.update(entry_metrics(cfg, trainer, module, dm))
             progress["completed"].append(name)
-            write_json(run_dir / "progress.json", {**progress, "metrics": metrics, "step": step})
+            write_json(run_dir / "progress.json",
+                       {**progress, "metrics": metrics, "step": step, "fit_metrics": fit_metrics})
         if trainer is None:  # everything was already done: evaluate the last stage's weights
             last = run_dir / "checkpoints" / f"stage{len(plan) - 1}_{plan[-1][0]}.ckpt"
             load_stage_weights(module, last)
@@ -277,19 +280,23 @@ def stage_seed(seed: int, stage: str) -> int:
 def load_stage_weights(module: CLIPUnlearner, path: Path) -> None:
     """Weights of a finished stage. A pre-training checkpoint may come from a run of another method (the
     shared cache), so it may lack this method's negation prompt: that alone is allowed to be missing."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    bad = [k for k in list(missing) + list(unexpected) if not k.startswith("prompt.")]
-    if bad:
-        raise RuntimeError(f"{path} does not match this run's model: {bad[:8]}")
+    ckpt = factory.read_checkpoint(path)
+    factory.check_state_dict(module, ckpt["state_dict"], path, module.hparams["config"].get("model", {}).get("name"),
+                             factory.trained_model_name(ckpt), optional=("prompt.",))
+    module.load_state_dict(ckpt["state_dict"], strict=False)
 
 
-def read_progress(run_dir: Path) -> dict[str, Any]:
-    """Stages a previous attempt of this run finished (``progress.json``), for ``resume=auto``."""
-    path = run_dir / "progress.json"
-    if not path.exists():
-        return {"completed": [], "metrics": {}, "step": 0}
-    return json.loads(path.read_text())
+def load_cached_pretrain(module: CLIPUnlearner, cache: Path) -> bool:
+    """Load the cached pre-trained weights; a cache file that is missing or does not load (truncated, another
+    model) is reported in one line and pre-training runs again (its result replaces the file)."""
+    if not cache.exists():
+        return False
+    try:
+        factory.load_run_checkpoint(module.model, str(cache), module.hparams["config"].get("model", {}).get("name"))
+    except CheckpointError as e:
+        log.warning("pre-training cache unusable, pre-training again: %s", e)
+        return False
+    return True
 
 
 def mid_stage_checkpoint(run_dir: Path, index: int) -> str | None:
@@ -297,7 +304,7 @@ def mid_stage_checkpoint(run_dir: Path, index: int) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = factory.read_checkpoint(last)
     return str(last) if ckpt.get("ncu_stage_index") == index else None
 
 

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import open_clip
 import torch
 
+from ncu.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
@@ -46,16 +48,53 @@ def _is_lightning_ckpt(path: str) -> bool:
     return path.endswith(".ckpt")
 
 
-def load_run_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file; a missing, truncated or foreign file raises ``CheckpointError``
+    naming the path."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not a readable checkpoint"
+        raise CheckpointError(f"checkpoint {path} is not readable (truncated or not a torch checkpoint: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, Any], path: str | Path, name: str | None = None,
+                     trained_as: str | None = None, optional: tuple[str, ...] = ()) -> None:
+    """Raise ``CheckpointError`` when ``state`` does not fit ``model``: names the model, the checkpoint,
+    what it was trained as (when known) and the first keys that are missing, unexpected or of another shape.
+    Keys starting with one of ``optional`` may be missing or unexpected."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in state if k not in own and not k.startswith(optional)]
+    if not (shapes or missing or unexpected):
+        return
+    parts = [f"{len(shapes)} tensors of another shape (checkpoint vs model), e.g. {shapes[:3]}" if shapes else "",
+             f"{len(missing)} missing, e.g. {missing[:3]}" if missing else "",
+             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}" if unexpected else ""]
+    was = f" (it was trained as model.name={trained_as!r})" if trained_as and trained_as != name else ""
+    raise CheckpointError(f"checkpoint {path} does not fit model.name={name!r}{was}: "
+                          + "; ".join(p for p in parts if p))
+
+
+def trained_model_name(ckpt: dict[str, Any]) -> str | None:
+    """The ``model.name`` a checkpoint of ours was trained with (its saved run config), if recorded."""
+    config = (ckpt.get("hyper_parameters") or {}).get("config") or {}
+    return (config.get("model") or {}).get("name") if isinstance(config, dict) else None
+
+
+def load_run_checkpoint(model: torch.nn.Module, path: str, name: str | None = None) -> dict[str, Any]:
     """Load the CLIP weights of one of our Lightning checkpoints (keys ``model.*``) into ``model``."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no state_dict: not a checkpoint written by train.py")
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {path} does not match the architecture: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
+    check_state_dict(model, state, path, name, trained_model_name(ckpt))
+    model.load_state_dict(state)
     return ckpt
 
 
@@ -78,7 +117,7 @@ def create(
         name, pretrained=None if ours else pretrained, aug_cfg=dict(aug_cfg or {}), **kwargs
     )
     if ours:
-        load_run_checkpoint(model, str(pretrained))
+        load_run_checkpoint(model, str(pretrained), name)
         log.info("loaded CLIP weights from %s", pretrained)
     tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name)
