@@ -160,3 +160,60 @@ def test_pretraining_cache_is_keyed_on_the_data_present_not_only_the_data_config
     b = pretrain_cache_path(cfg, stage, dm.dataset_id(twemoji_only))
     assert a != b and a.parent == b.parent
     assert a == pretrain_cache_path(cfg, stage, dm.dataset_id(both.iloc[::-1]))  # not the row order
+
+
+def test_resume_into_a_finished_run_with_another_config_is_refused(smoke_run):
+    from ncu.config import ConfigError
+
+    cfg, metrics, objects = smoke_run
+    run_dir = objects["run_dir"]
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.json", "noise_meta.json", "progress.json")}
+    other = compose_cfg(["experiment=smoke", "method=clip", "logger=csv", "print_table=false", "noise.rate=0.2",
+                         "resume=auto"], tmp_path=run_dir.parent)
+    with pytest.raises(ConfigError, match=r"noise\.rate differ"):
+        train(other)
+    assert {name: (run_dir / name).read_bytes() for name in before} == before  # nothing rewritten
+    # the same config (logging may differ) finds every stage done and keeps the run's numbers, train/* included
+    same = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false", "resume=auto"],
+                       tmp_path=run_dir.parent)
+    again, _ = train(same)
+    for key in ("test/rsum", "pretrain/rsum", "train/loss", "val/rsum", "noise/realised_rate"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_a_checkpoint_of_another_architecture_or_truncated_is_named(smoke_run, tmp_path):
+    from ncu.errors import CheckpointError
+    from ncu.models import factory
+    from ncu.run import load_cached_pretrain
+
+    cfg, _, objects = smoke_run
+    ckpt = objects["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt"
+    with pytest.raises(CheckpointError) as info:
+        factory.create("ncu-tiny", str(ckpt))
+    message = str(info.value)
+    assert str(ckpt) in message and "'ncu-tiny'" in message and f"model.name={cfg.model.name!r}" in message
+    assert "tensors of another shape" in message and "\n" not in message
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"checkpoint {cut} is not readable"):
+        factory.create(cfg.model.name, str(cut))
+    # a pre-training cache file that does not load is reported and pre-training runs again
+    assert load_cached_pretrain(objects["module"], cut) is False
+
+
+def test_evaluate_py_on_a_missing_or_truncated_checkpoint_exits_2_and_leaves_no_folder(smoke_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    missing = tmp_path / "gone" / "checkpoints" / "last.ckpt"
+    cut = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes((smoke_run[2]["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt").read_bytes()[:1000])
+    for ckpt, named in ((missing, "file not found"), (cut, "is not readable")):
+        out = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={ckpt}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and str(ckpt) in lines[0] and named in lines[0], out.stderr
+    assert not (tmp_path / "gone").exists() and not (cut.parent.parent / "eval").exists()
