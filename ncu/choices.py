@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 OBJECTIVES = ("clip", "filter", "grad_ascent", "ncu_hn", "ncu_unlearn")
-DETECTORS = ("batch", "oracle")
+DETECTORS = ("batch", "oracle", "gmm", "ema")
+# Objectives that use the flags (the others only measure them).
+FLAG_OBJECTIVES = ("filter", "grad_ascent", "ncu_hn", "ncu_unlearn")
+DETECTION_SOURCES = ("running", "pass")
+DETECTION_CUTS = ("gmm", "quota")
 ANCHORS = ("none", "band")
 NEGATION_HEADS = ("none", "rotation")
 NEGATION_MODES = ("none", "prompt", "template")

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ncu.choices import (ANCHORS, DETECTORS, FLAGGED_CAPTIONS, HN_CAPACITIES, NEGATION_HEADS, NEGATION_MODES,
+from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAGGED_CAPTIONS, HN_CAPACITIES, NEGATION_HEADS, NEGATION_MODES,
                          NOISE_PROTOCOLS, OBJECTIVES)
 from ncu.errors import ConfigError, InputError  # noqa: F401 - the entry points import them from here
 
@@ -185,6 +185,13 @@ def _validate_method(cfg: DictConfig) -> None:
     method = cfg.method
     _number(method.get("nc_ratio", 0.0), "method.nc_ratio", low=0, high=1, high_open=True)
     _choice(method.get("detector", "batch"), "method.detector", DETECTORS)
+    detection = method.get("detection") or {}
+    if detection.get("threshold") is not None:
+        _number(detection.threshold, "method.detection.threshold", low=0, high=1, low_open=True, high_open=True)
+    if detection.get("momentum") is not None:
+        _number(detection.momentum, "method.detection.momentum", low=0, high=1, high_open=True)
+    _choice(detection.get("source", DETECTION_SOURCES[0]), "method.detection.source", DETECTION_SOURCES)
+    _choice(detection.get("cut", DETECTION_CUTS[0]), "method.detection.cut", DETECTION_CUTS)
     if method.get("gamma") is not None:
         _number(method.gamma, "method.gamma", low=0, high=1)
     band = method.get("band")

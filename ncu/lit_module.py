@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any
 
 import lightning as L
@@ -16,8 +17,8 @@ import torch
 from hydra.utils import instantiate
 from open_clip.loss import ClipLoss
 
-from ncu import stages
-from ncu.choices import ANCHORS, DETECTORS, NEGATION_HEADS, OBJECTIVES
+from ncu import detectors, stages
+from ncu.choices import ANCHORS, DETECTORS, FLAG_OBJECTIVES, NEGATION_HEADS, OBJECTIVES
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
@@ -26,6 +27,8 @@ from ncu.models.negation import (NegationHead, NegationPrompt, anchor_at_angle, 
 from ncu.objectives import baselines
 from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
+
+DETECTION_DEFAULTS = {"threshold": 0.5, "source": "running", "momentum": 0.9, "cut": "gmm"}
 
 LOG_SCALE_MAX = math.log(100.0)
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
@@ -93,6 +96,17 @@ class CLIPUnlearner(L.LightningModule):
         self.template_rng = random.Random(seed)
         self.solver = instantiate(self.method["solver"]) if self.method.get("solver") else None
         self.detect = NCDetectionMeter()
+        # Per-sample detection (method.detector=gmm|ema): one score per training sample, kept across steps,
+        # epochs and stages; run.build sets num_train. sample_flags / p_clean: the last mixture fit.
+        self.detector = self.method.get("detector", "batch")
+        self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {})}
+        self.num_train = 0
+        self.sample_scores: torch.Tensor | None = None
+        self.sample_flags: torch.Tensor | None = None
+        self.sample_p_clean: torch.Tensor | None = None
+        self.rate_est = float("nan")
+        self.pass_seconds = float("nan")
+        self._epoch_start = time.perf_counter()
         self.stage_name, self.stage, self.stage_index = "none", {}, None
         self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
         self._eval_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -186,15 +200,93 @@ class CLIPUnlearner(L.LightningModule):
         self.train(was)
         return total / max(1, len(captions))
 
-    def flag(self, scores: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
-        """The pairs treated as noisy: the per-batch quota of lowest scores (``batch``, the paper's rule) or
-        the ground truth (``oracle``: an upper bound that separates identification from unlearning)."""
-        detector = self.method.get("detector", "batch")
+    def flag(self, scores: torch.Tensor, noisy: torch.Tensor,
+             index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flagged, detection scores)`` of a (global) batch. Flagged: the per-batch quota of lowest scores
+        (``batch``, the paper's rule), the ground truth (``oracle``: an upper bound that separates
+        identification from unlearning), or the per-sample detectors (``gmm``, ``ema``; see ncu/detectors.py),
+        which first record the batch's scores by sample ``index``. Detection scores (higher = cleaner) are
+        what the detection metrics rank: the batch's scores, the averaged ones (ema) or p_clean (gmm)."""
+        detector = self.detector
         if detector == "oracle":
-            return noisy.to(dtype=torch.bool, device=scores.device).clone()
-        if detector != "batch":
+            return noisy.to(dtype=torch.bool, device=scores.device).clone(), scores
+        if detector == "batch":
+            return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1)), scores
+        if detector not in DETECTORS:
             raise ValueError(f"method.detector={detector!r} is unknown; choose from {DETECTORS}")
-        return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1))
+        if self.stage.get("objective") not in FLAG_OBJECTIVES:  # flags unused here: the quota, for the metrics
+            return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1)), scores
+        if index is None or bool((index < 0).any()):
+            raise ValueError(f"method.detector={detector!r} needs the sample index of every training pair")
+        bank = self._bank()
+        momentum = self.detection["momentum"] if detector == "ema" else 0.0
+        averaged = detectors.ema_update(bank, index, scores, momentum).to(scores.device)
+        if detector == "ema" and self.detection["cut"] == "quota":
+            return ncu_obj.select_nc(averaged, self.method.get("nc_ratio", 0.1)), averaged
+        if self.sample_flags is None:  # no mixture fitted (the module driven without a Trainer): the quota
+            return ncu_obj.select_nc(averaged, self.method.get("nc_ratio", 0.1)), averaged
+        index = index.to(self.sample_flags.device).long()
+        return (self.sample_flags[index].to(scores.device),
+                self.sample_p_clean[index].to(scores.device) if detector == "gmm" else averaged)
+
+    def _bank(self) -> torch.Tensor:
+        if self.sample_scores is None:
+            if self.num_train < 1:
+                raise ValueError("per-sample detection needs num_train (the training split's size)")
+            self.sample_scores = torch.full((self.num_train,), float("nan"), device=self.device)
+        return self.sample_scores
+
+    def refresh_flags(self) -> None:
+        """Fit the two-component mixture on the per-sample scores (gmm, and ema with cut=gmm) at an epoch
+        start: from a scoring pass (``detection.source=pass``, or when no sample has a score yet) or from the
+        scores the previous epochs' steps recorded (``running``). Samples without a score are not flagged."""
+        if self.detector not in ("gmm", "ema") or (self.detector == "ema" and self.detection["cut"] != "gmm"):
+            return
+        bank = self._bank()
+        if (self.detector == "gmm" and self.detection["source"] == "pass") or bool(torch.isnan(bank).all()):
+            passed = self.scoring_pass()
+            if passed is not None:
+                bank.copy_(torch.where(torch.isnan(passed), bank, passed))
+        known = ~torch.isnan(bank)
+        flags = torch.zeros_like(known)
+        p_clean = torch.ones_like(bank)
+        if int(known.sum()) >= 2:
+            seed = int(self.hparams["config"].get("seed", 0))
+            f, p, self.rate_est = detectors.gmm_flags(bank[known], self.detection["threshold"], seed)
+            flags[known], p_clean[known] = f.to(bank.device), p.to(bank.device)
+        self.sample_flags, self.sample_p_clean = flags, p_clean
+
+    @torch.no_grad()
+    def scoring_pass(self) -> torch.Tensor | None:
+        """Every training sample's score, batch by batch as training sees them (the data module's
+        ``scoring_loader``: training-sized batches of a seeded order, evaluation transforms). Under DDP rank r
+        takes batches r, r+W, ... and the ranks sum their parts: the same scores as one process. None when
+        the source has no such loader (shards)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        seed = int(self.hparams["config"].get("seed", 0)) + self.current_epoch
+        loader = dm.scoring_loader(seed) if dm is not None and hasattr(dm, "scoring_loader") else None
+        if loader is None:
+            return None
+        start, was = time.perf_counter(), self.training
+        self.eval()
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        total = torch.zeros(self.num_train, dtype=torch.float64, device=self.device)
+        count = torch.zeros(self.num_train, dtype=torch.float64, device=self.device)
+        s = self.logit_scale()
+        for i, batch in enumerate(loader):
+            if i % world != rank:
+                continue
+            v = self.model.encode_image(batch["image"].to(self.device), normalize=True)
+            t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
+            index = torch.as_tensor(batch["index"], device=self.device).long()
+            total.index_add_(0, index, ncu_obj.nc_scores(v, t, s).double())
+            count.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        if world > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        self.train(was)
+        self.pass_seconds = time.perf_counter() - start
+        return torch.where(count > 0, total / count.clamp(min=1), torch.nan).float()
 
     @torch.no_grad()
     def detection_pass(self, loader: Any) -> dict[str, float]:
@@ -228,8 +320,9 @@ class CLIPUnlearner(L.LightningModule):
         noisy = self.gather(batch["noisy"].to(self.device))
         s = self.logit_scale()
         scores = ncu_obj.nc_scores(v, t, s)
-        flagged = self.flag(scores, noisy)
-        self.detect.update(scores, noisy, flagged)
+        index = self.gather(torch.as_tensor(batch["index"], device=self.device)) if "index" in batch else None
+        flagged, detection_scores = self.flag(scores, noisy, index)
+        self.detect.update(detection_scores, noisy, flagged)
         self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step
         parts: dict[str, torch.Tensor] = {}
         tn = None
@@ -283,12 +376,22 @@ class CLIPUnlearner(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._scores.clear()
+        self.pass_seconds = float("nan")
+        if self.stage.get("objective") in FLAG_OBJECTIVES:
+            self.refresh_flags()
+        self._epoch_start = time.perf_counter()  # after the scoring pass: the epoch it is compared with
 
     def on_train_epoch_end(self) -> None:
         for k, val in self.detect.compute().items():
             if not math.isnan(val):  # AUROC/AUPRC are undefined without noisy pairs (rate 0)
                 self.log(f"train/nc_{k}", val)
         self.detect.reset()
+        if self.detector in ("gmm", "ema") and not math.isnan(self.rate_est):
+            self.log("train/nc_rate_est", self.rate_est)
+        if not math.isnan(self.pass_seconds):  # the scoring pass's cost, also as a fraction of the epoch's
+            self.log("train/nc_pass_seconds", self.pass_seconds)
+            epoch_seconds = max(1e-9, time.perf_counter() - self._epoch_start)
+            self.log("train/nc_pass_epoch_frac", self.pass_seconds / epoch_seconds)
         scores, noisy = zip(*self._scores)
         self.epoch_scores = (torch.cat(scores).cpu(), torch.cat(noisy).cpu())
 

@@ -47,6 +47,7 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
                            OmegaConf.to_container(cfg.optim, resolve=True),
                            config=OmegaConf.to_container(cfg, resolve=True))
     module.classnames = dm.classnames
+    module.num_train = len(dm.datasets["train"])  # per-sample detectors keep one score per training pair
     module.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
     if "zeroshot" in dm.datasets:  # a dedicated zero-shot task (scenes: single objects over the vocabulary)
         zs = dm.datasets["zeroshot"]

@@ -43,14 +43,14 @@ def _global_batch(tokenizer: Any, n: int) -> list[dict[str, Any]]:
     return items
 
 
-def _spec(tmp_path: Path, method: str = "ncu_official") -> dict[str, Any]:
+def _spec(tmp_path: Path, method: str = "ncu_official", *extra: str) -> dict[str, Any]:
     """Plain-dict pieces of the composed smoke config: model name, method (with solver), optim, stages."""
     from omegaconf import OmegaConf
 
     from ncu.config import plan_stages
 
     cfg = compose_cfg(["experiment=smoke", f"method={method}", "logger=none", "print_table=false",
-                       "method.negation.perturb.enabled=false"], tmp_path=tmp_path)
+                       "method.negation.perturb.enabled=false", *extra], tmp_path=tmp_path)
     method = OmegaConf.to_container(cfg.method, resolve=True)
     method["solver"] = OmegaConf.to_container(cfg.solver, resolve=True)
     stages = dict(plan_stages(cfg))
@@ -64,17 +64,36 @@ def _module(spec: dict[str, Any]) -> Any:
     from ncu.models import factory
 
     bundle = factory.create(spec["model"], None)
-    return CLIPUnlearner(bundle.model, bundle.tokenizer, spec["method"], spec["optim"], config={"seed": 0})
+    module = CLIPUnlearner(bundle.model, bundle.tokenizer, spec["method"], spec["optim"], config={"seed": 0})
+    module.num_train = WORLD * PER_RANK
+    return module
 
 
-def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[dict], devices: int) -> dict:
-    """Fit one step of ``stage`` from ``weights`` on ``items``; the loss, scores, NC mask and the
-    gradients as the optimizer sees them (after the DDP all-reduce)."""
+def _data(rank_items: list[dict], all_items: list[dict]) -> Any:
+    """The rank's rows as its training loader, and every row in fixed batches of 8 as the scoring loader
+    that per-sample detectors read at an epoch start (ranks split it by batch)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
+    class Data(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(rank_items, batch_size=len(rank_items), shuffle=False)
+
+        def scoring_loader(self, seed: int = 0) -> DataLoader:
+            return DataLoader(all_items, batch_size=8, shuffle=False)
+
+    return Data()
+
+
+def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[dict], devices: int,
+              all_items: list[dict]) -> dict:
+    """Fit one step of ``stage`` from ``weights`` on ``items``; the loss, scores, NC mask and the
+    gradients as the optimizer sees them (after the DDP all-reduce)."""
+    import lightning as L
+
     module.load_state_dict(torch.load(weights, weights_only=True))
     module.set_stage(name, stage)
+    module.sample_scores = module.sample_flags = None  # each stage detects afresh from the same weights
     out: dict[str, Any] = {}
     update = module.detect.update
 
@@ -98,8 +117,9 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[Record()])
     # Each rank's loader yields its own rows, in order: the gathered batch is rank 0's rows then rank 1's.
-    trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=len(items), shuffle=False))
+    trainer.fit(module, datamodule=_data(items, all_items))
     del module.detect.update
+    out["sample_flags"] = None if module.sample_flags is None else module.sample_flags.clone()
     return out
 
 
@@ -108,20 +128,26 @@ def _worker(rank: int, port: int, spec: dict, weights: str, batch: str, out_dir:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
                        "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    items = torch.load(batch, weights_only=False)[rank * PER_RANK:(rank + 1) * PER_RANK]
+    all_items = torch.load(batch, weights_only=False)
+    items = all_items[rank * PER_RANK:(rank + 1) * PER_RANK]
     module = _module(spec)
-    results = {name: _one_step(module, Path(weights), name, stage, items, WORLD)
+    results = {name: _one_step(module, Path(weights), name, stage, items, WORLD, all_items)
                for name, stage in spec["stages"].items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("method", ["ncu_official", "ncu"])
-def test_ddp_global_batch_matches_single_process(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [
+    ("ncu_official", ()), ("ncu", ()),
+    ("ncu", ("method.detector=gmm", "method.detection.source=pass")),
+    ("ncu", ("method.detector=ema",)),
+], ids=["ncu_official", "ncu", "ncu-gmm-pass", "ncu-ema"])
+def test_ddp_global_batch_matches_single_process(tmp_path, method, extra):
     """ncu_official: stage 1 trains the text tower through the gathered features; ncu: the anchored t~ (each
-    rank anchors its own rows before the gather) and a stage 1 that trains the prompt only."""
+    rank anchors its own rows before the gather) and a stage 1 that trains the prompt only; gmm / ema: the
+    per-sample detectors flag the same samples (scoring pass split by batch across ranks, then summed)."""
     import torch.multiprocessing as mp
 
-    spec = _spec(tmp_path, method)
+    spec = _spec(tmp_path, method, *extra)
     torch.manual_seed(0)
     module = _module(spec)
     weights, batch = tmp_path / "weights.pt", tmp_path / "batch.pt"
@@ -135,14 +161,20 @@ def test_ddp_global_batch_matches_single_process(tmp_path, method):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = {name: _one_step(module, weights, name, stage, items, 1) for name, stage in spec["stages"].items()}
+        single = {name: _one_step(module, weights, name, stage, items, 1, items)
+                  for name, stage in spec["stages"].items()}
     finally:
         torch.set_num_threads(threads)
 
     k = int(0.4 * WORLD * PER_RANK)
+    per_sample = spec["method"]["detector"] != "batch"
     for name in spec["stages"]:
         ref = single[name]
-        assert int(ref["flagged"].sum()) == k
+        if per_sample:
+            assert ref["sample_flags"] is not None and ref["sample_flags"].shape == (WORLD * PER_RANK,)
+            assert torch.equal(ref["flagged"], ref["sample_flags"])  # the batch is every sample, in order
+        else:
+            assert int(ref["flagged"].sum()) == k
         assert set(ref["grads"]) == set(ref["trainable"]), "every trainable parameter gets a gradient (DDP needs it)"
         if name == "hn" and method == "ncu":
             assert set(ref["grads"]) == {"prompt.ctx"}
@@ -158,6 +190,8 @@ def test_ddp_global_batch_matches_single_process(tmp_path, method):
             assert got["scores"].shape == (WORLD * PER_RANK,), where
             torch.testing.assert_close(got["scores"], ref["scores"], rtol=1e-5, atol=1e-7, msg=where)
             assert torch.equal(got["flagged"], ref["flagged"]), where
+            if per_sample:
+                assert torch.equal(got["sample_flags"].cpu(), ref["sample_flags"].cpu()), where
             torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-7, msg=where)
             assert set(got["grads"]) == set(ref["grads"]), where
             for n, g in ref["grads"].items():
