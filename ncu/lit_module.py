@@ -98,7 +98,6 @@ class CLIPUnlearner(L.LightningModule):
         self.detect = NCDetectionMeter()
         # Per-sample detection (method.detector=gmm|ema): one score per training sample, kept across steps,
         # epochs and stages; run.build sets num_train. sample_flags / p_clean: the last mixture fit.
-        self.detector = self.method.get("detector", "batch")
         self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {})}
         self.num_train = 0
         self.sample_scores: torch.Tensor | None = None
@@ -199,6 +198,10 @@ class CLIPUnlearner(L.LightningModule):
             total += float((t * self.negated_features(part, t, perturb=False).float()).sum())
         self.train(was)
         return total / max(1, len(captions))
+
+    @property
+    def detector(self) -> str:
+        return self.method.get("detector", "batch")
 
     def flag(self, scores: torch.Tensor, noisy: torch.Tensor,
              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

