@@ -57,6 +57,14 @@ def _local_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# What to pass for a value a config leaves unset (???).
+MISSING_HINTS = {
+    "data.path": "data=csv needs a CSV/TSV of pairs (data.path=/data/pairs.csv)",
+    "data.shards": "data=wds needs tar shards, e.g. 'data.shards=\"/data/cc3m/{00000..00331}.tar\"'",
+    "model.pretrained": "the checkpoint to start from (model.pretrained=<file>)",
+}
+
+
 def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """``value`` is a finite number (an integer with ``integer``) inside the given bounds, else ConfigError."""
@@ -84,6 +92,11 @@ def validate(cfg: DictConfig) -> None:
 
     Imports nothing heavy (no torch, open_clip or lightning): entry points call it first, so a typo costs
     seconds, not a model build."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        also = f" (also not set: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{missing[0]} is not set: {MISSING_HINTS.get(missing[0], f'pass {missing[0]}=<value>')}"
+                          + also)
     _number(cfg.seed, "seed", integer=True)
     _validate_noise(cfg)
     _validate_model(cfg)

@@ -27,7 +27,7 @@ in ``meta.json``.
 - ``zeroshot_folder``: zero-shot classification of ``data`` (an image folder per class, or a CSV with
   ``image_key``/``label_key`` columns) with ``classnames`` (a YAML/JSON file with ``classes`` and
   ``templates``, ``imagenet`` for open_clip's 1000 class names and 80 templates, or null for the folder/label
-  names with ``templates``). Data classes are matched to the class names by name when they are among them,
+  names); ``templates`` overrides the prompts: a list, ``imagenet`` (80 OpenAI) or ``laclip`` (LaCLIP's 7). Data classes are matched to the class names by name when they are among them,
   otherwise by position: folders in sorted order (ImageNet's WordNet ids), sub-folders named ``0``..``999``
   (the ImageNet-V2 layout) and integer CSV labels as class indices.
 - ``retrieval_csv``: image-text retrieval on a CSV with one row per (image, caption) (Flickr30K / MSCOCO
@@ -52,15 +52,16 @@ noise artifact's mask; precision/recall/F1 are those of the flags; values in [0,
 clean vs. noisy scores is saved as ``<task>_scores.png`` next to ``metrics.json``, and the per-pair
 ``scores``, ``noisy`` and ``flagged`` arrays (training-split order) as ``<task>_scores.npz``.
 
-LaCLIP checkpoints (the models NCU starts from): a ``model.name`` starting with ``LaCLIP-`` is built with
-:func:`ncu.models.laclip.create_laclip` (QK-norm timm ViT, ImageNet normalisation) and ``model.pretrained`` is
-the LaCLIP ``.pt`` file::
+LaCLIP checkpoints (the models NCU starts from): ``model.name=LaCLIP-ViT-B-16`` is built with LaCLIP's
+architecture and preprocessing (QK-norm timm ViT, ImageNet normalisation) and ``model.pretrained`` is the
+LaCLIP ``.pt`` file (CC3M, CC12M, RedCaps); LaCLIP's LAION-400M checkpoints are open_clip models, loaded under
+open_clip's names (``model.name=ViT-B-32``)::
 
     python evaluate.py ckpt_path=pretrained model.name=LaCLIP-ViT-B-16 model.pretrained=vitb16_cc3m_clip.pt \\
-        benchmark=imagenet benchmark.tasks.imagenet.data=/data/imagenet/val
+        benchmark=imagenet benchmark.tasks.imagenet.data=/data/imagenet/val benchmark.tasks.imagenet.templates=laclip
 
-As a check of the import, LaCLIP reports ~15.8% ImageNet zero-shot top-1 (80 templates) for its CC3M CLIP
-ViT-B/16 checkpoint (40.2% for CC12M).
+As a check of the import, LaCLIP reports ~15.8% ImageNet zero-shot top-1 for its CC3M CLIP ViT-B/16
+checkpoint (40.2% for CC12M) with the 7 templates of its ``eval_zeroshot_imagenet.py`` (``templates=laclip``).
 
 Outputs: ``<run_dir>/eval/<date>_<suite>/metrics.json`` (flat, float values), ``meta.json`` (what was
 evaluated), plots, and a printed table. ``<run_dir>`` is the training run's folder (the checkpoint's
@@ -171,25 +172,10 @@ def check_task_tables(name: str, task: dict) -> None:
 
 
 def create_bundle(model_cfg: DictConfig) -> ModelBundle:
-    """open_clip model, transforms and tokenizer of ``model.name`` with ``model.pretrained`` weights.
-
-    A ``LaCLIP-*`` name with a file that is not one of our ``.ckpt`` loads LaCLIP's checkpoint format.
-    """
-    name, pretrained = model_cfg.name, model_cfg.get("pretrained")
-    if is_laclip_file(model_cfg):
-        from ncu.models.laclip import create_laclip
-
-        if pretrained is not None and not Path(str(pretrained)).exists():
-            raise FileNotFoundError(f"model.pretrained={pretrained}: LaCLIP checkpoint not found")
-        return create_laclip(name, pretrained)
+    """open_clip model, transforms and tokenizer of ``model.name`` with ``model.pretrained`` weights (a
+    ``LaCLIP-*`` name reads LaCLIP's checkpoint format and preprocessing; see ``factory.create``)."""
     aug = OmegaConf.to_container(model_cfg.get("aug") or {}, resolve=True)
-    return create(name, pretrained, aug_cfg=aug)
-
-
-def is_laclip_file(model_cfg: DictConfig) -> bool:
-    """A LaCLIP architecture with LaCLIP's own weights (or none), not one of our ``.ckpt`` files."""
-    pretrained = model_cfg.get("pretrained")
-    return str(model_cfg.name).startswith("LaCLIP-") and not str(pretrained).endswith(".ckpt")
+    return create(model_cfg.name, model_cfg.get("pretrained"), aug_cfg=aug)
 
 
 @dataclass
@@ -232,15 +218,7 @@ def make_context(cfg: DictConfig, tasks: dict[str, dict], out_dir: Path) -> Cont
         bundle = create_bundle(run_cfg.model)
         return Context(bundle.model, bundle.preprocess_val, bundle.tokenizer, device, out_dir, run_cfg,
                        trainer_kwargs)
-    laclip = is_laclip_file(run_cfg.model)
-    # build() loads open_clip weights only: LaCLIP weights and transforms are put in after it.
-    build_cfg = OmegaConf.merge(run_cfg, {"model": {"pretrained": None}}) if laclip else run_cfg
-    bundle, dm, module = build(build_cfg)
-    if laclip:
-        lac = create_bundle(run_cfg.model)
-        module.model.load_state_dict(lac.model.state_dict())
-        dm.attach(lac.preprocess_train, lac.preprocess_val, lac.tokenizer)
-        bundle = lac
+    bundle, dm, module = build(run_cfg)
     return Context(module.model, bundle.preprocess_val, bundle.tokenizer, device, out_dir, run_cfg,
                    trainer_kwargs, dm, module)
 
@@ -414,19 +392,20 @@ def classification_set(path: str, task: dict):
 
 def class_prompts(task: dict, names: list[str]) -> tuple[list[str], list]:
     """Class names and templates of a zero-shot task (``classnames``: null, ``imagenet`` or a file)."""
-    from ncu.eval.benchmarks import load_classnames_templates
+    from ncu.eval.benchmarks import load_classnames_templates, named_templates
 
     source = task.get("classnames")
     if source is None:
-        classnames, templates = names, list(task.get("templates") or DEFAULT_TEMPLATES)
+        classnames, templates = names, list(DEFAULT_TEMPLATES)
     elif source == "imagenet":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-        classnames, templates = list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)
+        classnames, templates = list(IMAGENET_CLASSNAMES), named_templates("imagenet")
     else:
         classnames, templates = load_classnames_templates(source)
-    if task.get("templates") and source is not None:
-        templates = list(task["templates"])
+    chosen = task.get("templates")
+    if chosen:  # a list of strings with {}, or a named set: imagenet (80 OpenAI) or laclip (LaCLIP's 7)
+        templates = named_templates(chosen) if isinstance(chosen, str) else list(chosen)
     return classnames, templates
 
 

@@ -12,7 +12,12 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment, tmp_path):
-    cfg = compose_cfg([f"experiment={experiment}"], tmp_path=tmp_path)
+    extra = []
+    if experiment.startswith("paper_"):  # the presets leave the data and the start checkpoint to the user
+        (tmp_path / "start.pt").write_bytes(b"")
+        (tmp_path / "00000.tar").write_bytes(b"")
+        extra = [f"model.pretrained={tmp_path / 'start.pt'}", f"data.shards={tmp_path / '00000.tar'}"]
+    cfg = compose_cfg([f"experiment={experiment}", *extra], tmp_path=tmp_path)
     validate(cfg)
     assert plan_stages(cfg)
 
@@ -71,3 +76,34 @@ def test_every_sweep_composes_as_a_multirun(sweep):
     cfg = compose_config([f"sweep={sweep}"], return_hydra_config=True)
     assert str(cfg.hydra.mode).endswith("MULTIRUN") and len(cfg.hydra.sweeper.params) >= 1
     assert cfg.experiment_name == sweep
+
+
+def test_paper_presets_hold_the_official_cc3m_recipe():
+    from conftest import compose_cfg
+    from ncu.config import ConfigError, plan_stages, validate
+
+    cfg = compose_cfg(["experiment=paper_cc3m"])
+    assert cfg.model.name == "LaCLIP-ViT-B-16" and cfg.data.source == "wds" and cfg.noise.protocol == "none"
+    assert cfg.data.batch_size == 2048 and cfg.method.nc_ratio == 0.1 and cfg.method.gamma == 0.7
+    assert cfg.solver.reg == 0.03 and cfg.solver.max_iter == 100 and cfg.trainer.precision == "bf16-mixed"
+    plan = dict(plan_stages(cfg))
+    assert list(plan) == ["hn", "unlearn"]  # no pre-training: the LaCLIP checkpoint is the start
+    assert plan["hn"]["epochs"] == 2 and plan["hn"]["lr"] == 1e-4 and plan["hn"]["weight_decay"] == 0.2
+    assert plan["hn"]["groups"]["prompt"] == {"params": ["prompt.ctx"], "lr": 3e-4, "weight_decay": 0.2}
+    assert plan["unlearn"]["lr"] == 5e-5 and plan["unlearn"]["weight_decay"] == 0.2
+    with pytest.raises(ConfigError, match="data.shards is not set"):
+        validate(cfg)
+    cc12m = compose_cfg(["experiment=paper_cc12m"])
+    assert cc12m.experiment_name == "paper_cc12m" and cc12m.method.nc_ratio == 0.1
+    assert cc12m.data.batch_size == 2048 and cc12m.data.val_frac < cfg.data.val_frac
+
+
+def test_named_template_sets():
+    from ncu.eval.benchmarks import named_templates
+    from ncu.evaluation import class_prompts
+
+    assert len(named_templates("imagenet")) == 80
+    assert named_templates("laclip")[:2] == ["itap of a {}.", "a bad photo of the {}."]
+    assert len(named_templates("laclip")) == 7
+    names, templates = class_prompts({"classnames": "imagenet", "templates": "laclip"}, [])
+    assert len(names) == 1000 and templates == named_templates("laclip")

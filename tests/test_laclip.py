@@ -23,12 +23,11 @@ TINY = dict(
 )
 TINY_TIMM = "laclip_test_vit_tiny"
 TINY_NAME = "LaCLIP-test-tiny"
-# LaCLIP's CLIP_VITB16 (and the patch-32 variant).
+# LaCLIP's CLIP_VITB16.
 B16 = dict(
     image_size=224, patch=16, vis_width=768, vis_depth=12, vis_heads=12,
     embed=512, context=77, vocab=49408, txt_width=512, txt_layers=12, txt_heads=8,
 )
-B32 = B16 | dict(patch=32)
 
 
 def laclip_spec(image_size, patch, vis_width, vis_depth, vis_heads, embed, context, vocab, txt_width,
@@ -231,7 +230,7 @@ def test_forward_matches_laclip_reference(tiny_model_factory):
         )
 
 
-@pytest.mark.parametrize("name,size", [("LaCLIP-ViT-B-16", B16), ("LaCLIP-ViT-B-32", B32)])
+@pytest.mark.parametrize("name,size", [("LaCLIP-ViT-B-16", B16)])
 def test_shipped_configs_match_laclip_checkpoints(name, size):
     on_disk = json.loads((CONFIG_DIR / f"{name}.json").read_text())
     assert on_disk == laclip.laclip_config(laclip.LACLIP_MODELS[name])
@@ -242,3 +241,44 @@ def test_shipped_configs_match_laclip_checkpoints(name, size):
         source = {k: torch.empty(shape) for k, shape in spec.items()}
     assert sum(math.prod(s) for s in spec.values()) == sum(p.numel() for p in model.parameters())
     assert laclip.load_laclip(model, source) == {"missing": [], "unexpected": []}
+
+
+def test_factory_reads_laclip_files_for_laclip_names_with_laclip_preprocessing(tiny_model_factory, tmp_path):
+    """The path train.py and evaluate.py take: model.name=LaCLIP-* with one of LaCLIP's .pt files."""
+    from ncu.models.factory import create
+
+    tiny_model_factory()  # registers the tiny LaCLIP-shaped config
+    source = random_state(laclip_spec(**TINY), seed=2)
+    path = tmp_path / "laclip.pt"
+    torch.save({"args": argparse.Namespace(model="CLIP_VITB16"),
+                "state_dict": {"module." + k: v for k, v in source.items()}}, path)
+    bundle = create(TINY_NAME, str(path))
+    check_loaded(bundle.model, source)
+    normalize = [t for t in bundle.preprocess_val.transforms if type(t).__name__ == "Normalize"][0]
+    assert tuple(normalize.mean) == laclip.IMAGENET_MEAN and tuple(normalize.std) == laclip.IMAGENET_STD
+
+
+def test_an_open_clip_state_dict_under_a_laclip_name_says_which_name_to_use(tiny_model_factory):
+    model = tiny_model_factory()
+    wrong = {"visual.conv1.weight": torch.zeros(1), "visual.transformer.resblocks.0.ln_1.weight": torch.zeros(1)}
+    with pytest.raises(laclip.CheckpointKeyError, match="model.name=ViT-B-32"):
+        laclip.load_laclip(model, wrong)
+
+
+@pytest.mark.slow
+def test_laclip_laion_b32_checkpoint_loads_as_open_clip_vit_b32(tmp_path):
+    """LaCLIP's LAION-400M ViT-B/32 checkpoints are open_clip ViT-B-32 models saved as {"state_dict": ...}
+    with DDP's ``module.`` prefixes: under model.name=ViT-B-32 they give open_clip's own outputs."""
+    from ncu.models.factory import create
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    path = tmp_path / "laion400m_clip.pt"
+    torch.save({"epoch": 32, "name": "laion400m", "state_dict": {"module." + k: v for k, v in
+                                                                 reference.state_dict().items()}}, path)
+    model = create("ViT-B-32", str(path)).model.eval()
+    images = torch.randn(2, 3, 224, 224)
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a dog", "a diagram"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), reference.encode_image(images))
+        torch.testing.assert_close(model.encode_text(tokens), reference.encode_text(tokens))

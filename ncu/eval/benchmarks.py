@@ -52,11 +52,25 @@ def _imagenet_templates() -> list[str]:
     return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
 
 
+def named_templates(name: str) -> list[str]:
+    """Template sets by name: ``imagenet`` (the 80 OpenAI ImageNet templates) or ``laclip`` (the 7 that
+    LaCLIP's ``eval_zeroshot_imagenet.py`` uses for its CC3M/CC12M/RedCaps models: open_clip's
+    ``SIMPLE_IMAGENET_TEMPLATES``; its LAION models are evaluated with the 80)."""
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    if name == "imagenet":
+        return _imagenet_templates()
+    if name == "laclip":
+        return [template("{}") for template in SIMPLE_IMAGENET_TEMPLATES]
+    raise ValueError(f"unknown template set {name!r}: imagenet (80 OpenAI templates) or laclip (LaCLIP's 7)")
+
+
 def load_classnames_templates(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Read class names and prompt templates from a YAML or JSON file with keys ``classes`` and ``templates``.
 
-    ``classes`` is a list of names and ``templates`` a list of strings holding ``{}``; either may be the
-    string ``imagenet`` for open_clip's 1000 ImageNet class names / 80 OpenAI ImageNet templates. The file
+    ``classes`` is a list of names and ``templates`` a list of strings holding ``{}``; ``classes: imagenet``
+    gives open_clip's 1000 ImageNet class names, ``templates: imagenet`` / ``laclip`` a named template set
+    (:func:`named_templates`). The file
     is parsed as data only (never evaluated as Python).
     """
     path = Path(path)
@@ -72,7 +86,7 @@ def load_classnames_templates(path: str | os.PathLike) -> tuple[list[str], list[
 
     classes, templates = data["classes"], data["templates"]
     classnames = _imagenet_classnames() if classes == "imagenet" else classes
-    template_list = _imagenet_templates() if templates == "imagenet" else templates
+    template_list = named_templates(templates) if isinstance(templates, str) else templates
     if not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) for c in classnames):
         raise ValueError(f"{path}: 'classes' must be a non-empty list of strings or 'imagenet'")
     if not isinstance(template_list, list) or not template_list:

@@ -107,17 +107,30 @@ def create(
     """Build an open_clip model with its transforms and tokenizer.
 
     ``pretrained`` is None (random init), an open_clip tag (downloads where a network exists), a local
-    open_clip/OpenAI weights file, or a ``.ckpt`` written by ``train.py`` (its CLIP weights are loaded).
+    open_clip/OpenAI weights file (open_clip unwraps ``{"state_dict": ...}`` and strips ``module.``; LaCLIP's
+    LAION checkpoints are such files, under open_clip names such as ``ViT-B-32``), or a ``.ckpt`` written by
+    ``train.py`` (its CLIP weights are loaded). A ``LaCLIP-*`` name gets LaCLIP's preprocessing, and a file
+    that is not one of our ``.ckpt`` is read in LaCLIP's own checkpoint format (``ncu.models.laclip``).
     """
     check_model_name(name)
     ours = pretrained is not None and _is_lightning_ckpt(str(pretrained))
     if pretrained is not None and (ours or Path(str(pretrained)).suffix) and not Path(str(pretrained)).exists():
         raise FileNotFoundError(f"model.pretrained file not found: {pretrained}")
+    laclip = str(name).startswith("LaCLIP-")
+    if laclip:
+        from ncu.models.laclip import LACLIP_PREPROCESS  # laclip builds on this module: imported when needed
+
+        kwargs = {**LACLIP_PREPROCESS, **kwargs}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None if ours else pretrained, aug_cfg=dict(aug_cfg or {}), **kwargs
+        name, pretrained=None if (ours or laclip) else pretrained, aug_cfg=dict(aug_cfg or {}), **kwargs
     )
     if ours:
         load_run_checkpoint(model, str(pretrained), name)
         log.info("loaded CLIP weights from %s", pretrained)
+    elif laclip and pretrained is not None:
+        from ncu.models.laclip import load_laclip
+
+        load_laclip(model, str(pretrained))
+        log.info("loaded LaCLIP weights from %s", pretrained)
     tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name)

@@ -8,14 +8,17 @@ LaCLIP's ``CLIP_VITB16`` is:
   vocabulary 49408) with ``token_embedding``, ``positional_embedding``, ``transformer.resblocks.*``,
   ``ln_final`` and ``text_projection`` (512, 512), plus ``logit_scale``.
 
-The open_clip equivalent is ``LaCLIP-ViT-B-16`` (``ncu/models/configs/LaCLIP-ViT-B-16.json``; ``-B-32`` is the
-patch-32 variant): open_clip's timm vision tower around a timm ViT registered here with ``qk_norm=True``
+The open_clip equivalent is ``LaCLIP-ViT-B-16`` (``ncu/models/configs/LaCLIP-ViT-B-16.json``): open_clip's timm vision tower around a timm ViT registered here with ``qk_norm=True``
 (``laclip_vit_base_patch16_224``), ``timm_pool: token`` and a bias-free linear head, whose weight is
 ``image_projection`` transposed. Text keys are identical in both models. Importing this module registers
 the timm models and the configs; both are needed before ``open_clip.create_model("LaCLIP-ViT-B-16")``.
 
-Sanity check for a correct import: LaCLIP's README reports ~15.8% ImageNet zero-shot top-1 (80 OpenAI
-templates) for its CC3M CLIP ViT-B/16 checkpoint (``vitb16_cc3m_clip.pt``), and 40.2% for CC12M.
+LaCLIP's other checkpoints (LAION-400M ViT-B/32, B/16, L/14) are open_clip models saved as ``{"state_dict": ...}``:
+load them under open_clip's names (``model.name=ViT-B-32 model.pretrained=laion400m_clip.pt``), not here.
+
+Sanity check for a correct import: LaCLIP's README reports ~15.8% ImageNet zero-shot top-1 for its CC3M CLIP
+ViT-B/16 checkpoint (``vitb16_cc3m_clip.pt``) and 40.2% for CC12M, with the 7 templates of its
+``eval_zeroshot_imagenet.py`` (``templates: laclip`` in a zero-shot task).
 
 Usage::
 
@@ -67,7 +70,6 @@ LACLIP_PREPROCESS: dict[str, Any] = {
 # open_clip name -> timm name of its vision trunk; the timm names are registered below.
 LACLIP_MODELS: dict[str, str] = {
     "LaCLIP-ViT-B-16": "laclip_vit_base_patch16_224",
-    "LaCLIP-ViT-B-32": "laclip_vit_base_patch32_224",
 }
 
 
@@ -88,7 +90,7 @@ def register_qknorm_vit(name: str, base: str, **overrides: Any) -> None:
     register_model(entrypoint)
 
 
-# LaCLIP's vision trunk (ViT-B/16 with QK-LayerNorm) and the same architecture with patch size 32.
+# LaCLIP's vision trunk: a ViT-B/16 with QK-LayerNorm.
 for _timm_name in LACLIP_MODELS.values():
     register_qknorm_vit(_timm_name, _timm_name.removeprefix("laclip_"))
 
@@ -255,6 +257,9 @@ def load_laclip(
             lines.append(
                 f"unexpected in checkpoint ({len(unexpected)}, checkpoint names): {_list(unexpected)}"
             )
+        if any(k.startswith(("visual.transformer.", "visual.conv1.")) for k in unexpected):
+            lines.append("these are open_clip keys (LaCLIP's LAION checkpoints are open_clip models): use the "
+                         "open_clip name, e.g. model.name=ViT-B-32, with the same model.pretrained")
         raise CheckpointKeyError("\n  ".join(lines))
     model.load_state_dict({k: v for k, v in mapped.items() if k in target}, strict=strict)
     return {"missing": missing, "unexpected": unexpected}
@@ -270,7 +275,7 @@ def create_laclip(
     ``kwargs`` go to :func:`ncu.models.factory.create` and override :data:`LACLIP_PREPROCESS`.
     """
     register_configs()
-    bundle = create(name, pretrained=None, **(LACLIP_PREPROCESS | kwargs))
+    bundle = create(name, pretrained=None, **kwargs)  # create() adds LACLIP_PREPROCESS for LaCLIP-* names
     if checkpoint is not None:
         load_laclip(bundle.model, checkpoint)
     return bundle
