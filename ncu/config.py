@@ -65,6 +65,21 @@ MISSING_HINTS = {
 }
 
 
+def unset_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys whose value is ``???``, read without resolving interpolations (which may need Hydra)."""
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif node == "???":
+            out.append(prefix)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return sorted(out)
+
+
 def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """``value`` is a finite number (an integer with ``integer``) inside the given bounds, else ConfigError."""
@@ -92,7 +107,7 @@ def validate(cfg: DictConfig) -> None:
 
     Imports nothing heavy (no torch, open_clip or lightning): entry points call it first, so a typo costs
     seconds, not a model build."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = unset_keys(cfg)
     if missing:
         also = f" (also not set: {', '.join(missing[1:])})" if len(missing) > 1 else ""
         raise ConfigError(f"{missing[0]} is not set: {MISSING_HINTS.get(missing[0], f'pass {missing[0]}=<value>')}"

@@ -120,7 +120,7 @@ def test_index_pass_and_cache(shards, tmp_path, monkeypatch):
     assert cached["caption"].tolist() == index["caption"].tolist()
     assert cached["shard"].astype(str).tolist() == index["shard"].astype(str).tolist()
     assert cached.attrs["stats"] == index.attrs["stats"] == {"samples": 30, "no_image": 0, "no_caption": 0,
-                                                             "bad_shards": 0}
+                                                             "bad_shards": 0, "parquet_shards": 0}
     # A changed shard (size differs) makes the cache stale.
     write_tar(Path(shards[0]), sample_members(0, "000000") + sample_members(99, "extra"))
     rebuilt = build_index(shards, cache_path=cache)
@@ -143,7 +143,7 @@ def test_corrupt_members_skipped_and_counted(tmp_path, monkeypatch):
     index = build_index([shard])
     # Images are not decoded by the index pass: the corrupt ones are listed.
     assert index["key"].tolist() == ["good1", "good2", "trunc", "text", "photo"]
-    assert index.attrs["stats"] == {"samples": 8, "no_image": 1, "no_caption": 2, "bad_shards": 0}
+    assert index.attrs["stats"] == {"samples": 8, "no_image": 1, "no_caption": 2, "bad_shards": 0, "parquet_shards": 0}
     ds = ShardPairs([shard], shuffle_shards=False)
     items = list(ds)
     assert [it["key"] for it in items] == ["good1", "good2", "photo"]
@@ -251,3 +251,26 @@ def test_from_artifact_checks_keys(shards, tmp_path):
         ShardPairs.from_artifact(index, other)
     with pytest.raises(ValueError, match="index"):
         ShardPairs(shards, shown_image={"000000": "000001"})
+
+
+def test_parquet_beside_a_shard_is_the_index_without_reading_the_tar(shards, monkeypatch):
+    import pandas as pd
+
+    from_tars = build_index(shards)
+    for s, shard in enumerate(shards):  # img2dataset's table: every attempted sample, with its status
+        keys = [f"{s * PER_SHARD + j:06d}" for j in range(PER_SHARD)]
+        pd.DataFrame({"key": keys + ["failed"], "caption": [f"caption  of sample {int(k)}" for k in keys] + ["x"],
+                      "status": ["success"] * PER_SHARD + ["failed_to_download"]}
+                     ).to_parquet(Path(shard).with_suffix(".parquet"), index=False)
+
+    def no_reading(*a, **k):
+        raise AssertionError("the parquet tables should have been used")
+
+    with monkeypatch.context() as m:
+        m.setattr(wds, "iter_samples", no_reading)
+        from_tables = build_index(shards)
+    assert from_tables["key"].tolist() == from_tars["key"].tolist() == all_keys()
+    assert from_tables["caption"].tolist() == from_tars["caption"].tolist()
+    assert from_tables["shard"].astype(str).tolist() == from_tars["shard"].astype(str).tolist()
+    assert from_tables.attrs["stats"]["parquet_shards"] == N_SHARDS
+    assert build_index(shards, use_parquet=False).attrs["stats"]["parquet_shards"] == 0

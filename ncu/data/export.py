@@ -135,6 +135,9 @@ def write_shards(samples: Sequence[Sample], out: Path, num_shards: int) -> tuple
                 _add(tf, f"{s.key}.png", s.data)
                 _add(tf, f"{s.key}.txt", s.caption.encode("utf-8"))
                 _add(tf, f"{s.key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        # img2dataset's companion table: one row per sample with its key, caption and download status.
+        pd.DataFrame({"key": [samples[j].key for j in chunk], "caption": [samples[j].caption for j in chunk],
+                      "status": "success"}).to_parquet(path.with_suffix(".parquet"), index=False)
         paths.append(path)
     spec = str(folder / f"{{{0:05d}..{num_shards - 1:05d}}}.tar")
     return paths, spec

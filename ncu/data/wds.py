@@ -201,11 +201,32 @@ def load_index(path: str | os.PathLike, shards: Sequence[str] | None = None) -> 
         return index
 
 
-def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | None = None) -> pd.DataFrame:
-    """One streaming pass over the shards: DataFrame[key, shard, caption] of the samples that have an image
-    member and a non-empty caption, in shard order. Image data are not decoded (a corrupt image is found
-    only when ``ShardPairs`` reads it). ``cache_path`` (``.npz``): loaded when it was built from the same
-    shard list and shard sizes, else (re)built and saved. Counts are in ``index.attrs["stats"]``.
+def read_parquet_index(shard: str) -> list[tuple[str, Any]] | None:
+    """``[(key, caption)]`` of the samples img2dataset saved in ``shard`` (its ``<shard>.parquet``: rows with
+    ``status == "success"``), or None when there is no such table or it lacks the columns."""
+    path = os.path.splitext(shard)[0] + ".parquet"
+    if not os.path.exists(path):
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - any reader error: fall back to the tar pass
+        log.warning("%s unreadable (%s): indexing %s from the tar", path, type(e).__name__, shard)
+        return None
+    if "key" not in table.columns or "caption" not in table.columns:
+        return None
+    if "status" in table.columns:
+        table = table[table["status"] == "success"]
+    return list(zip(table["key"].astype(str), table["caption"]))
+
+
+def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | None = None,
+                use_parquet: bool = True) -> pd.DataFrame:
+    """DataFrame[key, shard, caption] of the samples that have an image member and a non-empty caption, in
+    shard order. A shard with img2dataset's ``.parquet`` beside it is read from that table (its successful
+    rows; ``use_parquet=False`` ignores it); any other is read in one streaming pass over its tar members,
+    image data not decoded (a corrupt image is found only when ``ShardPairs`` reads it). ``cache_path``
+    (``.npz``): loaded when it was built from the same shard list and shard sizes, else (re)built and saved.
+    Counts are in ``index.attrs["stats"]`` (``parquet_shards``: shards indexed from their table).
     """
     shards = expand_shards(shards)
     if len(set(shards)) != len(shards):
@@ -219,8 +240,22 @@ def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | Non
     keys: list[str] = []
     captions: list[str] = []
     shard_ids: list[int] = []
-    stats = {"samples": 0, "no_image": 0, "no_caption": 0, "bad_shards": 0}
+    stats = {"samples": 0, "no_image": 0, "no_caption": 0, "bad_shards": 0, "parquet_shards": 0}
     for sid, shard in enumerate(shards):
+        table = read_parquet_index(shard) if use_parquet else None
+        if table is not None:  # img2dataset's table beside the shard: no pass over the tar
+            stats["parquet_shards"] += 1
+            stats["samples"] += len(table)
+            for key, caption in table:
+                text, _ = clean_caption(caption)
+                if text is None:
+                    stats["no_caption"] += 1
+                    continue
+                keys.append(key)
+                captions.append(text)
+                shard_ids.append(sid)
+            continue
+
         def bad_shard(_: Exception) -> None:
             stats["bad_shards"] += 1
 
