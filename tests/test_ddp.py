@@ -86,7 +86,7 @@ def _data(rank_items: list[dict], all_items: list[dict]) -> Any:
 
 
 def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[dict], devices: int,
-              all_items: list[dict]) -> dict:
+              all_items: list[dict], accelerator: str = "cpu") -> dict:
     """Fit one step of ``stage`` from ``weights`` on ``items``; the loss, scores, NC mask and the
     gradients as the optimizer sees them (after the DDP all-reduce)."""
     import lightning as L
@@ -111,7 +111,7 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
             out["loss"] = outputs["loss"].detach().clone()
 
     module.detect.update = spy
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
                         precision="32-true", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -123,7 +123,8 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
     return out
 
 
-def _worker(rank: int, port: int, spec: dict, weights: str, batch: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, spec: dict, weights: str, batch: str, out_dir: str,
+            accelerator: str = "cpu") -> None:
     """One DDP rank; the environment says the processes already exist, so Lightning joins them."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
                        "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
@@ -131,7 +132,7 @@ def _worker(rank: int, port: int, spec: dict, weights: str, batch: str, out_dir:
     all_items = torch.load(batch, weights_only=False)
     items = all_items[rank * PER_RANK:(rank + 1) * PER_RANK]
     module = _module(spec)
-    results = {name: _one_step(module, Path(weights), name, stage, items, WORLD, all_items)
+    results = {name: _one_step(module, Path(weights), name, stage, items, WORLD, all_items, accelerator)
                for name, stage in spec["stages"].items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
@@ -145,6 +146,18 @@ def test_ddp_global_batch_matches_single_process(tmp_path, method, extra):
     """ncu_official: stage 1 trains the text tower through the gathered features; ncu: the anchored t~ (each
     rank anchors its own rows before the gather) and a stage 1 that trains the prompt only; gmm / ema: the
     per-sample detectors flag the same samples (scoring pass split by batch across ranks, then summed)."""
+    _check_ddp_matches_single_process(tmp_path, method, extra, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ddp_on_two_gpus_matches_one_gpu(tmp_path):
+    """The same check on 2 GPUs (NCCL): one NCU step per stage, the global batch split over the ranks."""
+    _check_ddp_matches_single_process(tmp_path, "ncu", (), "gpu", rtol=1e-3)
+
+
+def _check_ddp_matches_single_process(tmp_path: Path, method: str, extra: tuple, accelerator: str,
+                                      rtol: float = 1e-5) -> None:
     import torch.multiprocessing as mp
 
     spec = _spec(tmp_path, method, *extra)
@@ -155,13 +168,14 @@ def test_ddp_global_batch_matches_single_process(tmp_path, method, extra):
     items = _global_batch(module.tokenizer, WORLD * PER_RANK)
     torch.save(items, batch)
 
-    mp.spawn(_worker, args=(_free_port(), spec, str(weights), str(batch), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), spec, str(weights), str(batch), str(tmp_path), accelerator),
+             nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = {name: _one_step(module, weights, name, stage, items, 1, items)
+        single = {name: _one_step(module, weights, name, stage, items, 1, items, accelerator)
                   for name, stage in spec["stages"].items()}
     finally:
         torch.set_num_threads(threads)
@@ -188,14 +202,15 @@ def test_ddp_global_batch_matches_single_process(tmp_path, method, extra):
             where = f"stage {name}, rank {rank}"
             # The NC scores and selection are over the gathered global batch, in the single-process order.
             assert got["scores"].shape == (WORLD * PER_RANK,), where
-            torch.testing.assert_close(got["scores"], ref["scores"], rtol=1e-5, atol=1e-7, msg=where)
-            assert torch.equal(got["flagged"], ref["flagged"]), where
+            torch.testing.assert_close(got["scores"].cpu(), ref["scores"].cpu(), rtol=rtol, atol=1e-7, msg=where)
+            assert torch.equal(got["flagged"].cpu(), ref["flagged"].cpu()), where
             if per_sample:
                 assert torch.equal(got["sample_flags"].cpu(), ref["sample_flags"].cpu()), where
-            torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-7, msg=where)
+            torch.testing.assert_close(got["loss"].cpu(), ref["loss"].cpu(), rtol=rtol, atol=1e-7, msg=where)
             assert set(got["grads"]) == set(ref["grads"]), where
             for n, g in ref["grads"].items():
                 assert g.abs().max() > 0, f"{where}: {n} has a zero gradient"
-                torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()),
+                torch.testing.assert_close(got["grads"][n].cpu(), g.cpu(), rtol=max(1e-4, rtol),
+                                           atol=max(1e-4, rtol) * float(g.abs().max()),
                                            msg=f"{where}: gradient of {n}")
 
