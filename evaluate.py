@@ -5,7 +5,7 @@
     python evaluate.py ckpt_path=pretrained model=vit_b16 model.pretrained=openai
     python evaluate.py -m ckpt_path=<a.ckpt>,<b.ckpt>
 
-Results: <run_dir>/eval/<date>_<benchmark>/metrics.json and a printed table (see ncu/evaluation.py).
+Results: <run_dir>/eval/<date>_<benchmark>/metrics.json and a printed table (see ncu/eval/suite.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ncu.files import discard_unused_output
 def main(cfg: DictConfig) -> None:
     try:
         validate_eval(cfg)
-        from ncu.evaluation import evaluate
+        from ncu.eval.suite import evaluate
 
         evaluate(cfg)
     except (InputError, FileNotFoundError) as e:

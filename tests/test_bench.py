@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -130,7 +131,7 @@ def test_robustness_sweep_config_covers_rates_methods_and_seeds():
 
 
 def test_robustness_jobs_use_the_joblib_launcher_with_one_thread_share_each(capsys, monkeypatch):
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert bench.main(["robustness", "--jobs", "4", "--sweep-dir", "logs/x"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     launcher = "hydra/launcher=joblib hydra.launcher.n_jobs=4"

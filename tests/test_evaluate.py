@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import CONF, ROOT, compose_cfg
 from ncu.config import ConfigError
-from ncu.evaluation import TASKS, align_labels, batch_nc_scores, classification_set, evaluate, suite_tasks
+from ncu.eval.suite import TASKS, align_labels, batch_nc_scores, classification_set, evaluate, suite_tasks
 from ncu.run import HEADLINE, train
 
 # The smoke experiment, shortened to 2 steps per stage (the evaluation is under test, not the training).
@@ -97,7 +97,7 @@ def test_detection_figures_against_the_noise_artifact(smoke_run, embedded_eval):
 
 def test_category_probe_uses_each_training_row_own_image(embedded_eval):
     from ncu.data.images import load_image
-    from ncu.evaluation import _own_images
+    from ncu.eval.suite import _own_images
 
     _, objects = embedded_eval
     ds = objects["datamodule"].datasets["train"]
@@ -302,9 +302,9 @@ def test_unset_or_missing_path_is_one_clear_error(tmp_path):
 
 
 def test_wrong_column_or_class_file_is_one_error_before_the_model_loads(tmp_path, monkeypatch):
-    from ncu import evaluation
+    from ncu.eval import suite
 
-    monkeypatch.setattr(evaluation, "create_bundle", lambda *a: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(suite, "create_bundle", lambda *a: pytest.fail("model loaded before the check"))
     table = tmp_path / "pairs.csv"
     table.write_text("image,text\na.png,a cat\n")
     cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=retrieval_csv",

@@ -4,7 +4,7 @@ import tempfile
 import pytest
 
 from conftest import compose_cfg
-from ncu.evaluation import evaluate
+from ncu.eval.suite import evaluate
 from ncu.run import train
 
 KEYS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "zeroshot_top1"]

@@ -10,17 +10,17 @@ import open_clip
 import torch
 
 from ncu.errors import CheckpointError
+from ncu.models.laclip import CONFIG_DIR, LACLIP_PREPROCESS, load_laclip
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
 
 
 def register_configs() -> None:
-    """Make the small architectures shipped with ncu (``ncu-micro``, ``ncu-tiny``, ``ncu-small``) known to open_clip."""
+    """Make the architectures shipped with ncu (``ncu-micro`` ... ``ncu-small``, ``LaCLIP-ViT-B-16``) known to
+    open_clip; importing ``ncu.models.laclip`` also registers the QK-norm timm ViTs of the LaCLIP config."""
     global _registered
     if not _registered:
-        from ncu.models import laclip  # noqa: F401 - registers the qk-norm timm ViTs of the LaCLIP configs
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
@@ -118,8 +118,6 @@ def create(
         raise FileNotFoundError(f"model.pretrained file not found: {pretrained}")
     laclip = str(name).startswith("LaCLIP-")
     if laclip:
-        from ncu.models.laclip import LACLIP_PREPROCESS  # laclip builds on this module: imported when needed
-
         kwargs = {**LACLIP_PREPROCESS, **kwargs}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=None if (ours or laclip) else pretrained, aug_cfg=dict(aug_cfg or {}), **kwargs
@@ -128,8 +126,6 @@ def create(
         load_run_checkpoint(model, str(pretrained), name)
         log.info("loaded CLIP weights from %s", pretrained)
     elif laclip and pretrained is not None:
-        from ncu.models.laclip import load_laclip
-
         load_laclip(model, str(pretrained))
         log.info("loaded LaCLIP weights from %s", pretrained)
     tokenizer = open_clip.get_tokenizer(name)

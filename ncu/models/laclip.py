@@ -22,7 +22,8 @@ ViT-B/16 checkpoint (``vitb16_cc3m_clip.pt``) and 40.2% for CC12M, with the 7 te
 
 Usage::
 
-    bundle = create_laclip("LaCLIP-ViT-B-16", "vitb16_cc3m_clip.pt")
+    from ncu.models.factory import create
+    bundle = create("LaCLIP-ViT-B-16", "cc3m_clip.pt")  # LaCLIP's preprocessing and this importer
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ import torch
 from timm.models import register_model
 from torch import Tensor
 
-from ncu.models.factory import CONFIG_DIR, ModelBundle, create, register_configs
+import open_clip
+
+# The JSON configs shipped with ncu (the LaCLIP ones are written by write_configs).
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 __all__ = [
     "LACLIP_MODELS",
     "LACLIP_PREPROCESS",
     "CheckpointKeyError",
-    "create_laclip",
     "laclip_config",
     "laclip_key",
     "laclip_key_map",
@@ -265,20 +268,4 @@ def load_laclip(
     return {"missing": missing, "unexpected": unexpected}
 
 
-def create_laclip(
-    name: str = "LaCLIP-ViT-B-16",
-    checkpoint: str | Path | Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> ModelBundle:
-    """Build ``name`` with LaCLIP's preprocessing and, when given, load a LaCLIP checkpoint strictly.
-
-    ``kwargs`` go to :func:`ncu.models.factory.create` and override :data:`LACLIP_PREPROCESS`.
-    """
-    register_configs()
-    bundle = create(name, pretrained=None, **kwargs)  # create() adds LACLIP_PREPROCESS for LaCLIP-* names
-    if checkpoint is not None:
-        load_laclip(bundle.model, checkpoint)
-    return bundle
-
-
-register_configs()  # makes the LaCLIP-* JSON configs known to open_clip on import
+open_clip.add_model_config(CONFIG_DIR)  # makes the LaCLIP-* JSON configs known to open_clip on import
