@@ -38,3 +38,14 @@ def make_cfg(tmp_path):
         return compose_cfg((FAST if fast else []) + list(overrides), config_name, tmp_path)
 
     return _make
+
+
+def assert_figure(path: Path, min_side: int = 200) -> None:
+    """``path`` is a PNG that decodes to a figure of at least ``min_side`` pixels a side with something drawn
+    on it (more than a handful of colours), not merely a file that exists."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side, (path, im.format, im.size)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 8, f"{path}: a blank figure"

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import CONF, ROOT, compose_cfg
+from conftest import CONF, ROOT, assert_figure, compose_cfg
 from ncu.config import ConfigError
 from ncu.eval.suite import TASKS, align_labels, batch_nc_scores, classification_set, evaluate, suite_tasks
 from ncu.run import HEADLINE, train
@@ -27,7 +27,6 @@ SMOKE_DATA = ["+run_overrides.data.limit=384", "+run_overrides.data.max_side=48"
               "+run_overrides.data.n_concepts=40", "+run_overrides.data.n_train=384",
               "+run_overrides.data.n_val=64", "+run_overrides.data.n_test=128", "+run_overrides.data.image_size=32",
               "+run_overrides.data.batch_size=64"]
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_embedded_suite_reproduces_the_run_and_writes_every_figure(smoke_run, em
     assert metrics["eval/emoji/num_classes"] == len(categories)
     for key in ("auroc", "auprc", "precision", "recall", "f1"):
         assert 0.0 <= metrics[f"eval/detection/{key}"] <= 1.0
-    assert (out_dir / "detection_scores.png").read_bytes()[:8] == PNG
+    assert_figure(out_dir / "detection_scores.png")
     meta = json.loads((out_dir / "meta.json").read_text())
     assert meta["benchmark"] == "embedded" and meta["model"] == "ncu-micro"
 

@@ -20,7 +20,7 @@ from ncu.objectives.ncu import (
     stage1_loss,
     stage2_loss,
 )
-from ncu.ot import SinkhornSolver
+from ncu.ot import POTEMDSolver, SinkhornSolver
 
 GAMMA = 0.7
 TIGHT = SinkhornSolver(reg=0.03, max_iter=20000, tol=1e-6)
@@ -224,9 +224,16 @@ def test_t2v_raw_sums(batch32):
 
 def test_reuse_transpose_matches_second_solve(batch32):
     A, nc = batch32
-    yv1, yt1 = ot_targets(A, nc, GAMMA, TIGHT, reuse_transpose=True)
-    yv2, yt2 = ot_targets(A, nc, GAMMA, TIGHT, reuse_transpose=False)
-    assert torch.equal(yv1, yv2)
+    shapes = []
+
+    def counting(cost, a, b, mask=None):  # records each solve: the option must change what is solved
+        shapes.append(tuple(cost.shape))
+        return TIGHT(cost, a, b, mask)
+
+    _, yt1 = ot_targets(A, nc, GAMMA, counting, reuse_transpose=True)
+    assert shapes == [(A.shape[0], A.shape[1])]
+    _, yt2 = ot_targets(A, nc, GAMMA, counting, reuse_transpose=False)
+    assert shapes[1:] == [(A.shape[0], A.shape[1]), (A.shape[1], A.shape[0])]  # a second, text->image solve
     assert (yt1 - yt2).abs().max() < 2e-3
 
 
@@ -504,3 +511,40 @@ def test_stage1_detach_t_keeps_captions_out_of_cyc_and_band():
     assert torch.allclose(loss, loss2)  # same value, other gradients
     loss2.backward()
     assert t.grad.abs().max() > 0
+
+
+def test_hand_worked_3x3_targets_with_gamma_one_and_exact_ot():
+    """N = 3, pair 2 flagged, A = [S | h]. Exact OT with masks (clean rows: no HN column; the flagged row:
+    not its own caption) and marginals 1/3 per image, 1/4 per column. The plan below is optimal: it meets the
+    marginals and the mask, and the duals u = (0, .3, .6), w = (.1, -.2, .5, -.55) satisfy u_i + w_j <= 1 - A_ij
+    on every allowed cell, with equality on the plan's support (complementary slackness; the support is a
+    tree of 6 = 3 + 4 - 1 cells and every other allowed cell is slack, so the optimum is unique). The cost
+    (1 - A) / max(1 - A) is a positive multiple of 1 - A: same plan. With gamma = 1 the targets are the plan
+    normalised by rows (image -> text) and by columns (text -> image)."""
+    A = torch.tensor([[0.9, 0.1, 0.5, 0.0], [0.1, 0.9, 0.2, 0.0], [0.3, 0.4, 0.8, 0.95]])
+    nc = torch.tensor([False, False, True])
+    plan = [[1 / 6, 0, 1 / 6, 0], [0, 1 / 4, 1 / 12, 0], [1 / 12, 0, 0, 1 / 4]]
+    allowed = [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    u, w = (0.0, 0.3, 0.6), (0.1, -0.2, 0.5, -0.55)
+    for i in range(3):
+        assert sum(plan[i]) == pytest.approx(1 / 3)
+        for j in range(4):
+            cost = 1 - float(A[i, j])
+            if not allowed[i][j]:
+                assert plan[i][j] == 0
+            elif plan[i][j] > 0:
+                assert u[i] + w[j] == pytest.approx(cost)
+            else:
+                assert u[i] + w[j] < cost - 0.1
+    for j in range(4):
+        assert sum(plan[i][j] for i in range(3)) == pytest.approx(1 / 4)
+
+    yv, yt = ot_targets(A, nc, 1.0, POTEMDSolver())
+    want_v = torch.tensor([[0.5, 0, 0.5, 0], [0, 0.75, 0.25, 0], [0.25, 0, 0, 0.75]])
+    want_t = torch.tensor([[2 / 3, 0, 1 / 3], [0, 1, 0], [2 / 3, 1 / 3, 0], [0, 0, 1]])
+    torch.testing.assert_close(yv, want_v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(yt, want_t, atol=1e-6, rtol=0)
+    # Entropic OT approaches the exact plan as the regularisation shrinks.
+    yv_s, yt_s = ot_targets(A, nc, 1.0, SinkhornSolver(reg=0.005, max_iter=20000, tol=1e-7))
+    torch.testing.assert_close(yv_s, want_v, atol=5e-3, rtol=0)
+    torch.testing.assert_close(yt_s, want_t, atol=5e-3, rtol=0)

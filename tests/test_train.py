@@ -23,9 +23,17 @@ def test_smoke_run_writes_metrics_checkpoints_and_logs(smoke_run):
     run_dir = objects["run_dir"]
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == pytest.approx(metrics)
+    # Recalls count hits over the test pairs, zero-shot accuracy over the zero-shot images: each value is a
+    # multiple of 100 / (their number), and recall grows with K.
+    n_test = len(objects["datamodule"].datasets["test"])
+    n_zs = len(objects["datamodule"].datasets["zeroshot"])
     for prefix in ("test", "pretrain"):
         for key in KEYS:
-            assert 0.0 <= on_disk[f"{prefix}/{key}"] <= (600.0 if key == "rsum" else 100.0)
+            value, n = on_disk[f"{prefix}/{key}"], n_zs if key == "zeroshot_top1" else n_test
+            if key != "rsum":
+                assert 0.0 <= value <= 100.0 and value * n / 100 == pytest.approx(round(value * n / 100)), key
+        for d in ("i2t", "t2i"):
+            assert on_disk[f"{prefix}/{d}_R@1"] <= on_disk[f"{prefix}/{d}_R@5"] <= on_disk[f"{prefix}/{d}_R@10"]
     assert on_disk["test/rsum"] == pytest.approx(sum(on_disk[f"test/{k}"] for k in KEYS[:6]))
     assert "train/nc_auroc" in on_disk and 0.35 <= on_disk["noise/realised_rate"] <= 0.4
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
