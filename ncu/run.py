@@ -8,6 +8,7 @@ import os
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,84 +193,138 @@ def single_log_stream() -> None:
         rank_zero.addFilter(_not_a_tip)
 
 
+@dataclass
+class Run:
+    """What the stages of one run share: its config and folder, data, module, loggers, the stage plan, the
+    metrics so far and the progress a resume continues from."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dm: PairDataModule
+    module: CLIPUnlearner
+    loggers: list[Any]
+    plan: list[tuple[str, dict]]
+    progress: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    trainer: L.Trainer | None = None
+
+    @property
+    def step(self) -> int:
+        return self.progress["step"]
+
+    def checkpoint(self, index: int) -> Path:
+        return self.run_dir / "checkpoints" / f"stage{index}_{self.plan[index][0]}.ckpt"
+
+    def stage_done(self, name: str) -> None:
+        self.progress["completed"].append(name)
+        write_json(self.run_dir / "progress.json", {**self.progress, "metrics": self.metrics})
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build the run, skip what a resumed attempt finished, run each stage, then test and write the metrics
+    (the README's "What a run does")."""
     single_log_stream()
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = resume.start(cfg, run_dir)  # refuses a resume into a folder made by another config
     L.seed_everything(cfg.seed, workers=True)
-    bundle, dm, module = build(cfg)
+    _, dm, module = build(cfg)
     resume.record(cfg, run_dir)
-    art = dm.noise_artifact
-    metrics: dict[str, float] = {
-        "noise/realised_rate": art.realised_rate, "noise/num_noisy": float(art.noisy_mask.sum()),
-        "data/train_pairs": float(len(dm.datasets["train"])), "data/skipped": float(dm.skipped),
-    }
-    # The run records which corruption it trained on (the artifact itself stays shared in paths.noise_dir).
-    write_json(run_dir / "noise_meta.json", {**art.meta, "artifact_dir": str(dm.noise_folder)})
-    loggers = build_loggers(cfg)
-    for lg in loggers:
-        lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **metrics})
-    plan = plan_stages(cfg)
-    metrics.update(progress["metrics"])
-    trainer, step, fit_metrics = None, progress["step"], dict(progress.get("fit_metrics", {}))
-    n_done = len(progress["completed"])  # stages a previous attempt finished (resume=auto)
+    run = Run(cfg, run_dir, dm, module, build_loggers(cfg), plan_stages(cfg),
+              {"step": 0, "fit_metrics": {}, **progress})
+    run.metrics = {**record_data(run), **progress["metrics"]}
     try:
-        for index, (name, stage) in enumerate(plan):
-            ckpt = run_dir / "checkpoints" / f"stage{index}_{name}.ckpt"
+        n_done = finished_stages(run)
+        for index, (name, stage) in enumerate(run.plan):
             if index < n_done:
-                if progress["completed"][index] != name:
-                    raise ConfigError(f"resume=auto: {run_dir} ran stage {progress['completed'][index]!r} "
-                                      f"where this config has {name!r}")
                 continue
-            if index and index == n_done:
-                # Resuming after a finished stage: start from its weights.
-                load_stage_weights(module, run_dir / "checkpoints" / f"stage{index - 1}_{plan[index - 1][0]}.ckpt")
-            L.seed_everything(stage_seed(cfg.seed, name), workers=True)
-            module.set_stage(name, stage)
-            module.stage_index = index
-            trainer = build_trainer(cfg, stage, loggers, run_dir, index, name, step)
-            if index == 0 and name != "pretrain":
-                metrics.update(entry_metrics(cfg, trainer, module, dm))  # the model as given
-            cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
-            if cache is not None and load_cached_pretrain(module, cache):
-                log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(plan), name, cache)
-                copy_atomic(cache, ckpt)
-            else:
-                resume_from = mid_stage_checkpoint(run_dir, index) if cfg.get("resume") == "auto" else None
-                log.info("stage %d/%d: %s (%s, %d epochs)%s", index + 1, len(plan), name, stage["objective"],
-                         stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
-                trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
-                step = trainer.fit_loop.epoch_loop._batches_that_stepped
-                # The last epoch's train/* and val/* (read now: a test run would reset them).
-                fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                               if k.startswith(("train/", "val/")) and v.numel() == 1}
-                if name != "pretrain":
-                    metrics.update(stage_end_metrics(name, module, dm, fit_metrics))
-                trainer.save_checkpoint(ckpt)
-                if cache is not None:
-                    copy_atomic(ckpt, cache)
-            if name == "pretrain":
-                metrics.update(entry_metrics(cfg, trainer, module, dm))
-            progress["completed"].append(name)
-            write_json(run_dir / "progress.json",
-                       {**progress, "metrics": metrics, "step": step, "fit_metrics": fit_metrics})
-        if trainer is None:  # everything was already done: evaluate the last stage's weights
-            last = run_dir / "checkpoints" / f"stage{len(plan) - 1}_{plan[-1][0]}.ckpt"
-            load_stage_weights(module, last)
-            trainer = build_trainer(cfg, plan[-1][1], [], run_dir, len(plan) - 1, plan[-1][0], step)
-        metrics.update(fit_metrics)
-        metrics.update({f"data/{k}": float(v) for k, v in dm.stats().items() if isinstance(v, (int, float))})
-        metrics.update(test_metrics(trainer, module, dm, "test"))
-        for lg in loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/"))}, step)
-        write_json(run_dir / "metrics.json", metrics)
-        if cfg.get("print_table", True):
-            print_table(metrics)
+            if index and index == n_done:  # resuming after a finished stage: start from its weights
+                load_stage_weights(module, run.checkpoint(index - 1))
+            run_stage(run, index, name, stage)
+        finish(run)
     finally:
         finish_wandb()
-    return metrics, {"module": module, "datamodule": dm, "trainer": trainer, "run_dir": run_dir}
+    return run.metrics, {"module": module, "datamodule": dm, "trainer": run.trainer, "run_dir": run_dir}
+
+
+def record_data(run: Run) -> dict[str, float]:
+    """The corruption and split the run trains on: noise_meta.json in the run folder (the artifact itself
+    stays shared in paths.noise_dir), its figures as the first metrics, and both given to the loggers."""
+    dm, art = run.dm, run.dm.noise_artifact
+    metrics = {"noise/realised_rate": art.realised_rate, "noise/num_noisy": float(art.noisy_mask.sum()),
+               "data/train_pairs": float(len(dm.datasets["train"])), "data/skipped": float(dm.skipped)}
+    write_json(run.run_dir / "noise_meta.json", {**art.meta, "artifact_dir": str(dm.noise_folder)})
+    for lg in run.loggers:
+        lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **metrics})
+    return metrics
+
+
+def finished_stages(run: Run) -> int:
+    """How many stages a previous attempt finished (resume=auto); they must be this plan's first stages."""
+    for index, done in enumerate(run.progress["completed"]):
+        if index >= len(run.plan) or run.plan[index][0] != done:
+            planned = run.plan[index][0] if index < len(run.plan) else None
+            raise ConfigError(f"resume=auto: {run.run_dir} ran stage {done!r} where this config has {planned!r}")
+    return len(run.progress["completed"])
+
+
+def run_stage(run: Run, index: int, name: str, stage: dict) -> None:
+    """One stage: seeded from the run seed and its name, loaded from the pre-training cache or fitted, its
+    checkpoint written, the entry metrics taken where fine-tuning starts, the progress saved."""
+    cfg, module, dm = run.cfg, run.module, run.dm
+    L.seed_everything(stage_seed(cfg.seed, name), workers=True)
+    module.set_stage(name, stage)
+    module.stage_index = index
+    run.trainer = build_trainer(cfg, stage, run.loggers, run.run_dir, index, name, run.step)
+    if index == 0 and name != "pretrain":
+        run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))  # the model as given
+    cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
+    if cache is not None and load_cached_pretrain(module, cache):
+        log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(run.plan), name, cache)
+        copy_atomic(cache, run.checkpoint(index))
+    else:
+        fit_stage(run, index, name, stage)
+        if cache is not None:
+            copy_atomic(run.checkpoint(index), cache)
+    if name == "pretrain":
+        run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))
+    run.stage_done(name)
+
+
+def fit_stage(run: Run, index: int, name: str, stage: dict) -> None:
+    """``trainer.fit`` of the stage (from its last epoch checkpoint when resuming inside it), then the last
+    epoch's train/* and val/*, the stage-end metrics and the stage checkpoint."""
+    trainer = run.trainer
+    resume_from = mid_stage_checkpoint(run.run_dir, index) if run.cfg.get("resume") == "auto" else None
+    log.info("stage %d/%d: %s (%s, %d epochs)%s", index + 1, len(run.plan), name, stage["objective"],
+             stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
+    trainer.fit(run.module, datamodule=run.dm, ckpt_path=resume_from)
+    run.progress["step"] = trainer.fit_loop.epoch_loop._batches_that_stepped
+    # Read now: a test run would reset them.
+    run.progress["fit_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                   if k.startswith(("train/", "val/")) and v.numel() == 1}
+    if name != "pretrain":
+        run.metrics.update(stage_end_metrics(name, run.module, run.dm, run.progress["fit_metrics"]))
+    trainer.save_checkpoint(run.checkpoint(index))
+
+
+def finish(run: Run) -> None:
+    """Test the final model (the last stage's weights when every stage was already done), log the run's
+    numbers and write metrics.json."""
+    if run.trainer is None:
+        last = len(run.plan) - 1
+        load_stage_weights(run.module, run.checkpoint(last))
+        run.trainer = build_trainer(run.cfg, run.plan[last][1], [], run.run_dir, last, run.plan[last][0], run.step)
+    metrics = run.metrics
+    metrics.update(run.progress["fit_metrics"])
+    metrics.update({f"data/{k}": float(v) for k, v in run.dm.stats().items() if isinstance(v, (int, float))})
+    metrics.update(test_metrics(run.trainer, run.module, run.dm, "test"))
+    for lg in run.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/"))}, run.step)
+    write_json(run.run_dir / "metrics.json", metrics)
+    if run.cfg.get("print_table", True):
+        print_table(metrics)
 
 
 def stage_seed(seed: int, stage: str) -> int:
