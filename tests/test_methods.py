@@ -59,3 +59,11 @@ def test_method_trains_what_it_should_and_nothing_else(pretrained, method, tmp_p
         assert stages == ["finetune"]
     if method in ("ncu_no_hn", "ncu_stage2_only"):
         assert stages == ["unlearn"]
+    if method == "ncu":  # evaluate.py rebuilds the run from the checkpoint (prompt, negation config included)
+        from ncu.eval.suite import evaluate
+
+        cfg = compose_cfg([f"ckpt_path={run_dir / 'checkpoints' / 'stage1_unlearn.ckpt'}"], config_name="evaluate",
+                          tmp_path=tmp_path / "eval")
+        evaluated, _ = evaluate(cfg)
+        for key in ("rsum", "i2t_R@1", "t2i_R@10", "zeroshot_top1"):
+            assert evaluated[f"test/{key}"] == pytest.approx(metrics[f"test/{key}"], abs=1e-6), key

@@ -32,11 +32,12 @@ def _stage_of_last(run_dir: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_sigkill_in_second_stage_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("stage", [1, 2], ids=["in_hn", "in_unlearn"])
+def test_sigkill_inside_a_stage_then_resume_matches_uninterrupted(tmp_path, stage):
     reference = _run(tmp_path / "ref", tmp_path / "data_ref")
     victim = _run(tmp_path / "run", tmp_path / "data")
     deadline = time.time() + 300
-    while _stage_of_last(tmp_path / "run") != 1:  # an epoch of the second stage (hn) is checkpointed
+    while _stage_of_last(tmp_path / "run") != stage:  # an epoch of that stage (hn, unlearn) is checkpointed
         assert victim.poll() is None, victim.stderr.read()
         assert time.time() < deadline
         time.sleep(0.05)
@@ -44,9 +45,9 @@ def test_sigkill_in_second_stage_then_resume_matches_uninterrupted(tmp_path):
     victim.wait()
     assert not (tmp_path / "run" / "metrics.json").exists()
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
-    assert progress["completed"] == ["pretrain"]
+    assert progress["completed"] == ["pretrain", "hn"][:stage]
     killed_at = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert killed_at["ncu_stage_index"] == 1 and killed_at["epoch"] < 2  # an hn epoch is still to run
+    assert killed_at["ncu_stage_index"] == stage and killed_at["epoch"] < 2  # an epoch of it is still to run
 
     resumed = _run(tmp_path / "run", tmp_path / "data", "resume=auto")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
