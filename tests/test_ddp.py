@@ -214,3 +214,50 @@ def _check_ddp_matches_single_process(tmp_path: Path, method: str, extra: tuple,
                                            atol=max(1e-4, rtol) * float(g.abs().max()),
                                            msg=f"{where}: gradient of {n}")
 
+
+
+EVAL_ARGS = ["experiment=smoke", "method=clip", "logger=none", "print_table=false", "data.limit=385"]
+
+
+def _eval_worker(rank: int, port: int, data_dir: str, weights: str, out_dir: str) -> None:
+    """One rank of a DDP test pass over an odd-sized test split (the sampler pads one rank with a repeat)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
+                       "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    out = _test_pass(Path(out_dir) / f"r{rank}", Path(data_dir), Path(weights), WORLD)
+    torch.save(out, Path(out_dir) / f"eval{rank}.pt")
+
+
+def _test_pass(tmp: Path, data_dir: Path, weights: Path, devices: int) -> dict[str, float]:
+    import lightning as L
+
+    from ncu.run import build, test_metrics
+
+    cfg = compose_cfg(EVAL_ARGS, tmp_path=tmp, data_dir=data_dir)
+    _, dm, module = build(cfg)
+    module.load_state_dict(torch.load(weights, weights_only=True))
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    return {**test_metrics(trainer, module, dm, "test"), "n": float(len(dm.datasets["test"]))}
+
+
+def test_ddp_test_pass_scores_each_test_pair_once_as_one_process(tmp_path):
+    """Retrieval and zero-shot over the gathered features with the sampler's padding removed: the same
+    numbers as one process, on a split the ranks cannot share evenly."""
+    import torch.multiprocessing as mp
+
+    from ncu.run import build
+
+    torch.manual_seed(0)
+    _, _, module = build(compose_cfg(EVAL_ARGS, tmp_path=tmp_path / "init", data_dir=tmp_path / "data"))
+    weights = tmp_path / "weights.pt"
+    torch.save(module.state_dict(), weights)
+    single = _test_pass(tmp_path / "single", tmp_path / "data", weights, 1)
+    assert single["n"] % WORLD == 1  # one rank gets a padded repeat
+    mp.spawn(_eval_worker, args=(_free_port(), str(tmp_path / "data"), str(weights), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"eval{rank}.pt", weights_only=False)
+        for key in ("test/i2t_R@1", "test/t2i_R@1", "test/rsum", "test/zeroshot_top1"):
+            assert got[key] == pytest.approx(single[key], abs=1e-6), (rank, key)
