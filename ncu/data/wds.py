@@ -219,6 +219,24 @@ def read_parquet_index(shard: str) -> list[tuple[str, Any]] | None:
     return list(zip(table["key"].astype(str), table["caption"]))
 
 
+def _index_entries(shard: str, stats: dict[str, int],
+                   use_parquet: bool) -> Iterator[tuple[str, str | None, bool]]:
+    """``(key, cleaned caption or None, has an image)`` of each sample of ``shard``: from img2dataset's table
+    beside it when there is one (no pass over the tar), else from its tar members."""
+    table = read_parquet_index(shard) if use_parquet else None
+    if table is not None:
+        stats["parquet_shards"] += 1
+        for key, caption in table:
+            yield key, clean_caption(caption)[0], True
+        return
+
+    def bad_shard(_: Exception) -> None:
+        stats["bad_shards"] += 1
+
+    for key, parts in samples_until_broken(shard, read_images=False, on_error=bad_shard):
+        yield key, sample_caption(parts), sample_image(parts) is not None
+
+
 def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | None = None,
                 use_parquet: bool = True) -> pd.DataFrame:
     """DataFrame[key, shard, caption] of the samples that have an image member and a non-empty caption, in
@@ -242,35 +260,16 @@ def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | Non
     shard_ids: list[int] = []
     stats = {"samples": 0, "no_image": 0, "no_caption": 0, "bad_shards": 0, "parquet_shards": 0}
     for sid, shard in enumerate(shards):
-        table = read_parquet_index(shard) if use_parquet else None
-        if table is not None:  # img2dataset's table beside the shard: no pass over the tar
-            stats["parquet_shards"] += 1
-            stats["samples"] += len(table)
-            for key, caption in table:
-                text, _ = clean_caption(caption)
-                if text is None:
-                    stats["no_caption"] += 1
-                    continue
-                keys.append(key)
-                captions.append(text)
-                shard_ids.append(sid)
-            continue
-
-        def bad_shard(_: Exception) -> None:
-            stats["bad_shards"] += 1
-
-        for key, parts in samples_until_broken(shard, read_images=False, on_error=bad_shard):
+        for key, caption, has_image in _index_entries(shard, stats, use_parquet):
             stats["samples"] += 1
-            if sample_image(parts) is None:
+            if not has_image:
                 stats["no_image"] += 1
-                continue
-            caption = sample_caption(parts)
-            if caption is None:
+            elif caption is None:
                 stats["no_caption"] += 1
-                continue
-            keys.append(key)
-            captions.append(caption)
-            shard_ids.append(sid)
+            else:
+                keys.append(key)
+                captions.append(caption)
+                shard_ids.append(sid)
     index = _frame(keys, np.asarray(shard_ids, dtype=np.int32), shards, captions)
     dup = index["key"][index["key"].duplicated()]
     if len(dup):
