@@ -135,7 +135,6 @@ def test_evaluate_zeroshot_matches_manual_computation(micro, toy_folder):
     out = B.evaluate_zeroshot(micro.model, micro.preprocess_val, micro.tokenizer, ds, templates, "cpu")
     assert micro.model.training  # mode restored
     assert set(out) == {"top1", "top5"}
-    assert all(0.0 <= v <= 100.0 for v in out.values()) and out["top5"] == 100.0  # 3 classes
 
     # Independent path: prompts per class, then nearest class embedding, written out by hand.
     model = micro.model.eval()
