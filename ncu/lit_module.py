@@ -199,6 +199,10 @@ class CLIPUnlearner(L.LightningModule):
         self.train(was)
         return total / max(1, len(captions))
 
+    def quota(self, scores: torch.Tensor) -> torch.Tensor:
+        """The paper's per-batch rule: the floor(nc_ratio * N) lowest scores of the batch."""
+        return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1))
+
     @property
     def detector(self) -> str:
         return self.method.get("detector", "batch")
@@ -214,20 +218,20 @@ class CLIPUnlearner(L.LightningModule):
         if detector == "oracle":
             return noisy.to(dtype=torch.bool, device=scores.device).clone(), scores
         if detector == "batch":
-            return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1)), scores
+            return self.quota(scores), scores
         if detector not in DETECTORS:
             raise ValueError(f"method.detector={detector!r} is unknown; choose from {DETECTORS}")
         if self.stage.get("objective") not in FLAG_OBJECTIVES:  # flags unused here: the quota, for the metrics
-            return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1)), scores
+            return self.quota(scores), scores
         if index is None or bool((index < 0).any()):
             raise ValueError(f"method.detector={detector!r} needs the sample index of every training pair")
         bank = self._bank()
         momentum = self.detection["momentum"] if detector == "ema" else 0.0
         averaged = detectors.ema_update(bank, index, scores, momentum).to(scores.device)
         if detector == "ema" and self.detection["cut"] == "quota":
-            return ncu_obj.select_nc(averaged, self.method.get("nc_ratio", 0.1)), averaged
+            return self.quota(averaged), averaged
         if self.sample_flags is None:  # no mixture fitted (the module driven without a Trainer): the quota
-            return ncu_obj.select_nc(averaged, self.method.get("nc_ratio", 0.1)), averaged
+            return self.quota(averaged), averaged
         index = index.to(self.sample_flags.device).long()
         return (self.sample_flags[index].to(scores.device),
                 self.sample_p_clean[index].to(scores.device) if detector == "gmm" else averaged)
@@ -275,14 +279,9 @@ class CLIPUnlearner(L.LightningModule):
         world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
         total = torch.zeros(self.num_train, dtype=torch.float64, device=self.device)
         count = torch.zeros(self.num_train, dtype=torch.float64, device=self.device)
-        s = self.logit_scale()
-        for i, batch in enumerate(loader):
-            if i % world != rank:
-                continue
-            v = self.model.encode_image(batch["image"].to(self.device), normalize=True)
-            t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
+        for batch, scores in self._scored_batches(loader, lambda i: i % world == rank):
             index = torch.as_tensor(batch["index"], device=self.device).long()
-            total.index_add_(0, index, ncu_obj.nc_scores(v, t, s).double())
+            total.index_add_(0, index, scores.double())
             count.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
         if world > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
@@ -300,15 +299,19 @@ class CLIPUnlearner(L.LightningModule):
         was = self.training
         self.eval()
         meter = NCDetectionMeter().to(self.device)
-        s = self.logit_scale()
-        for batch in loader:
-            v = self.model.encode_image(batch["image"].to(self.device), normalize=True)
-            t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
-            noisy = batch["noisy"].to(self.device)
-            scores = ncu_obj.nc_scores(v, t, s)
-            meter.update(scores, noisy, ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1)))
+        for batch, scores in self._scored_batches(loader):
+            meter.update(scores, batch["noisy"].to(self.device), self.quota(scores))
         self.train(was)
         return {k: val for k, val in meter.compute().items() if not math.isnan(val)}
+
+    def _scored_batches(self, loader: Any, take: Any = None) -> Any:
+        """``(batch, own-caption scores)`` of the loader's batches (those whose number ``take`` accepts)."""
+        s = self.logit_scale()
+        for i, batch in enumerate(loader):
+            if take is None or take(i):
+                v = self.model.encode_image(batch["image"].to(self.device), normalize=True)
+                t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
+                yield batch, ncu_obj.nc_scores(v, t, s)
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
