@@ -7,9 +7,11 @@ detectors here keep one score per training sample (its image->text InfoNCE proba
 - ``gmm`` (NCR, Huang et al. 2021): a two-component Gaussian mixture on the per-sample losses -log(score),
   min-max normalised; a sample is flagged when the posterior of the low-loss (clean) component is below
   ``threshold``. The mixture weight of the other component is the estimated noise rate. No ``nc_ratio``.
-- ``ema``: each sample's score as an exponential moving average over the steps that saw it, across
-  epochs; flagged by the mixture above at each epoch start (``threshold: gmm``) or by the per-batch quota
-  on the averaged scores (``threshold: quota``).
+- ``ema``: each sample's training history: an exponential moving average of its log-score over every step
+  that saw it, in every stage (pre-training included; the history travels with the checkpoints and the
+  pre-training cache); flagged by the mixture above at each epoch start (``cut: gmm``) or by the per-batch
+  quota on the averaged scores (``cut: quota``). A mismatched pair is learned late and by memorisation, so
+  its loss averaged over training stays high after the final model has fitted it.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ import torch
 EPS = 1e-8
 
 
-def gmm_clean_posterior(scores: np.ndarray | torch.Tensor, seed: int = 0, max_iter: int = 20,
-                        tol: float = 1e-2, reg_covar: float = 5e-4) -> tuple[np.ndarray, float]:
+def gmm_clean_posterior(scores: np.ndarray | torch.Tensor, seed: int = 0, max_iter: int = 300,
+                        tol: float = 1e-5, reg_covar: float = 5e-4) -> tuple[np.ndarray, float]:
     """``(p_clean (N,), noise_rate_estimate)`` of a two-component 1-D GaussianMixture (scikit-learn) fitted
     to the min-max normalised losses -log(score). The clean component is the one with the lower mean loss.
-    Fewer than 2 distinct losses: every sample clean, rate 0."""
+    Fitted to convergence: NCR's 10 iterations at tol 1e-2 stop while the noisy component is still too small
+    (F1 0.72 against 0.76 converged on the noise-0.4 scenes model). Fewer than 2 distinct losses: every
+    sample clean, rate 0."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 

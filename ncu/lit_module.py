@@ -101,6 +101,9 @@ class CLIPUnlearner(L.LightningModule):
         self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {})}
         self.num_train = 0
         self.sample_scores: torch.Tensor | None = None
+        # Every training pair's log-score averaged (detection.momentum) over all steps of all stages: the ema
+        # detector's input; saved in checkpoints, so a cached pre-training passes its history on.
+        self.sample_history: torch.Tensor | None = None
         self.sample_flags: torch.Tensor | None = None
         self.sample_p_clean: torch.Tensor | None = None
         self.rate_est = float("nan")
@@ -152,6 +155,8 @@ class CLIPUnlearner(L.LightningModule):
         # The stage and every RNG the training loop draws from, so a resumed stage continues exactly.
         checkpoint["ncu_stage_index"] = self.stage_index
         checkpoint["ncu_stage_name"] = self.stage_name
+        if self.sample_history is not None:
+            checkpoint["ncu_sample_history"] = self.sample_history.detach().cpu()
         checkpoint["ncu_rng"] = {
             "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state_to_safe(),
             "perturber": self.perturber.rng.getstate() if self.perturber is not None else None,
@@ -159,6 +164,7 @@ class CLIPUnlearner(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restore_history(checkpoint)
         rng = checkpoint.get("ncu_rng")
         if rng is None:
             return
@@ -225,9 +231,13 @@ class CLIPUnlearner(L.LightningModule):
             return self.quota(scores), scores
         if index is None or bool((index < 0).any()):
             raise ValueError(f"method.detector={detector!r} needs the sample index of every training pair")
-        bank = self._bank()
-        momentum = self.detection["momentum"] if detector == "ema" else 0.0
-        averaged = detectors.ema_update(bank, index, scores, momentum).to(scores.device)
+        if detector == "ema":  # training_step has folded this batch into the history already
+            if self.sample_history is None:  # driven without training_step
+                self._bank()  # (names a missing num_train)
+                self.record_history(index, scores)
+            averaged = self.sample_history[index.to(self.sample_history.device).long()].exp().to(scores.device)
+        else:
+            averaged = detectors.ema_update(self._bank(), index, scores, 0.0).to(scores.device)
         if detector == "ema" and self.detection["cut"] == "quota":
             return self.quota(averaged), averaged
         if self.sample_flags is None:  # no mixture fitted (the module driven without a Trainer): the quota
@@ -243,6 +253,23 @@ class CLIPUnlearner(L.LightningModule):
             self.sample_scores = torch.full((self.num_train,), float("nan"), device=self.device)
         return self.sample_scores
 
+    def record_history(self, index: torch.Tensor | None, scores: torch.Tensor) -> None:
+        """Fold a (global) batch's scores into each sample's history, in log space (a mean of losses)."""
+        if index is None or self.num_train < 1 or bool((index < 0).any()):
+            return
+        if self.sample_history is None:
+            self.sample_history = torch.full((self.num_train,), float("nan"), device=self.device)
+        log_scores = scores.detach().float().clamp_min(detectors.EPS).log()
+        detectors.ema_update(self.sample_history, index, log_scores, self.detection["momentum"])
+
+    def restore_history(self, checkpoint: dict) -> bool:
+        """The per-sample history a checkpoint carries (False when it has none, or one of another split)."""
+        history = checkpoint.get("ncu_sample_history")
+        if history is None or (self.num_train and history.numel() != self.num_train):
+            return False
+        self.sample_history = history.to(self.device).float().clone()
+        return True
+
     def refresh_flags(self) -> None:
         """Fit the two-component mixture on the per-sample scores (gmm, and ema with cut=gmm) at an epoch
         start: from a scoring pass (``detection.source=pass``, or when no sample has a score yet) or from the
@@ -250,10 +277,15 @@ class CLIPUnlearner(L.LightningModule):
         if self.detector not in ("gmm", "ema") or (self.detector == "ema" and self.detection["cut"] != "gmm"):
             return
         bank = self._bank()
+        if self.detector == "ema" and self.sample_history is not None:
+            bank.copy_(self.sample_history.exp())
         if (self.detector == "gmm" and self.detection["source"] == "pass") or bool(torch.isnan(bank).all()):
             passed = self.scoring_pass()
             if passed is not None:
                 bank.copy_(torch.where(torch.isnan(passed), bank, passed))
+                if self.detector == "ema":  # no history yet (a model given by model.pretrained): start it here
+                    self.sample_history = torch.where(torch.isnan(passed), passed, passed.clamp_min(
+                        detectors.EPS).log()).to(bank.device)
         known = ~torch.isnan(bank)
         flags = torch.zeros_like(known)
         p_clean = torch.ones_like(bank)
@@ -327,6 +359,7 @@ class CLIPUnlearner(L.LightningModule):
         s = self.logit_scale()
         scores = ncu_obj.nc_scores(v, t, s)
         index = self.gather(torch.as_tensor(batch["index"], device=self.device)) if "index" in batch else None
+        self.record_history(index, scores)
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
         self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step

@@ -340,6 +340,7 @@ def load_stage_weights(module: CLIPUnlearner, path: Path) -> None:
     factory.check_state_dict(module, ckpt["state_dict"], path, module.hparams["config"].get("model", {}).get("name"),
                              factory.trained_model_name(ckpt), optional=("prompt.",))
     module.load_state_dict(ckpt["state_dict"], strict=False)
+    module.restore_history(ckpt)
 
 
 def load_cached_pretrain(module: CLIPUnlearner, cache: Path) -> bool:
@@ -348,10 +349,14 @@ def load_cached_pretrain(module: CLIPUnlearner, cache: Path) -> bool:
     if not cache.exists():
         return False
     try:
-        factory.load_run_checkpoint(module.model, str(cache), module.hparams["config"].get("model", {}).get("name"))
+        ckpt = factory.load_run_checkpoint(module.model, str(cache),
+                                           module.hparams["config"].get("model", {}).get("name"))
     except CheckpointError as e:
         log.warning("pre-training cache unusable, pre-training again: %s", e)
         return False
+    if not module.restore_history(ckpt) and module.detector == "ema":
+        log.warning("pre-training cache %s holds no per-sample history (written by an older version): the ema "
+                    "detector starts from a scoring pass; delete the file to pre-train again with it", cache)
     return True
 
 
@@ -376,6 +381,8 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | No
     spec = {
         "model": cfg.model, "data": data, "dataset": dataset, "noise": cfg.noise, "stage": stage,
         "seed": cfg.seed,
+        # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum
+        "history_momentum": OmegaConf.select(cfg, "method.detection.momentum", default=0.9),
         "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
         "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
                                                   "gradient_clip_val")},

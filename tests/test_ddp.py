@@ -94,7 +94,7 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
 
     module.load_state_dict(torch.load(weights, weights_only=True))
     module.set_stage(name, stage)
-    module.sample_scores = module.sample_flags = None  # each stage detects afresh from the same weights
+    module.sample_scores = module.sample_flags = module.sample_history = None  # each stage detects afresh
     out: dict[str, Any] = {}
     update = module.detect.update
 

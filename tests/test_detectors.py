@@ -3,6 +3,7 @@ and a training run with each detector logs its detection metrics and estimated r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,21 +59,60 @@ def test_ema_update_matches_a_float64_loop():
         detectors.ema_update(bank, torch.tensor([0]), torch.tensor([0.5]), 1.0)
 
 
-@pytest.mark.parametrize("detector, extra", [
-    ("gmm", ["method.detection.source=pass"]),
-    pytest.param("ema", [], marks=pytest.mark.slow),  # the same path; ema is also in the DDP test
-])
-def test_a_run_with_each_detector_logs_f1_and_the_estimated_rate(make_cfg, detector, extra):
+def test_history_is_an_ema_of_log_scores_by_sample_over_every_step():
+    from types import SimpleNamespace
+
+    from ncu.lit_module import CLIPUnlearner
+
+    rng = np.random.default_rng(2)
+    n, m = 12, 0.7
+    module = SimpleNamespace(num_train=n, sample_history=None, device=torch.device("cpu"),
+                             detection={"momentum": m})
+    ref: list[float | None] = [None] * n
+    for step in range(25):
+        index = rng.choice(n, size=5, replace=False)
+        scores = rng.uniform(1e-3, 1.0, 5)
+        if step == 3:  # a batch with an unknown sample (index -1) is not recorded at all
+            CLIPUnlearner.record_history(module, torch.tensor([0, -1]), torch.tensor([0.5, 0.5]))
+        CLIPUnlearner.record_history(module, torch.from_numpy(index), torch.from_numpy(scores).float())
+        for i, s in zip(index, scores):
+            ref[i] = np.log(s) if ref[i] is None else m * ref[i] + (1 - m) * np.log(s)
+    seen = [i for i in range(n) if ref[i] is not None]
+    np.testing.assert_allclose(module.sample_history[seen].numpy(), [ref[i] for i in seen], rtol=1e-5)
+    assert torch.isnan(module.sample_history[[i for i in range(n) if ref[i] is None]]).all()
+
+
+def test_the_history_spans_pretraining_and_travels_with_the_pretraining_cache(make_cfg):
+    """Pre-training (a stage that flags nothing) records every sample's history; the cache carries it, a run
+    loading the cache starts from it, and fine-tuning folds its own steps in."""
+    from ncu import run
+
+    cfg = make_cfg("method=filter", "method.detector=ema")
+    metrics, objects = run.train(cfg)
+    for key in ("train/nc_f1", "train/nc_precision", "train/nc_recall", "train/nc_auroc", "train/nc_rate_est"):
+        assert key in metrics and np.isfinite(metrics[key]), key
+    (cache,) = Path(cfg.paths.pretrain_dir).glob("*.ckpt")
+    cached = torch.load(cache, weights_only=False)["ncu_sample_history"]
+    n = len(objects["datamodule"].datasets["train"])
+    assert cached.shape == (n,) and torch.isfinite(cached).float().mean() > 0.9 and (cached <= 0).all()
+    final = objects["module"].sample_history.cpu()
+    seen = torch.isfinite(cached)
+    assert torch.isfinite(final[seen]).all() and not torch.allclose(final[seen], cached[seen])
+    _, _, fresh = run.build(cfg)
+    assert fresh.sample_history is None and run.load_cached_pretrain(fresh, cache)
+    torch.testing.assert_close(fresh.sample_history.cpu(), cached, equal_nan=True)
+
+
+def test_a_run_with_the_mixture_logs_f1_the_estimated_rate_and_the_pass(make_cfg):
     from ncu.run import train
 
-    cfg = make_cfg("method=filter", f"method.detector={detector}", *extra)
+    cfg = make_cfg("method=filter", "method.detector=gmm", "method.detection.source=pass")
     metrics, objects = train(cfg)
     for key in ("train/nc_f1", "train/nc_precision", "train/nc_recall", "train/nc_auroc", "train/nc_rate_est"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert 0 < metrics["train/nc_rate_est"] < 1
     module = objects["module"]
     assert module.sample_flags.shape == (len(objects["datamodule"].datasets["train"]),)
-    if detector == "gmm":
-        assert metrics["train/nc_pass_seconds"] > 0
+    assert metrics["train/nc_pass_seconds"] > 0
     on_disk = json.loads((objects["run_dir"] / "metrics.json").read_text())
     assert on_disk["train/nc_rate_est"] == pytest.approx(metrics["train/nc_rate_est"])

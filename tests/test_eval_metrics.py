@@ -228,11 +228,11 @@ def test_detection_small_hand_case() -> None:
 def test_detection_without_flags_and_single_class() -> None:
     scores = torch.tensor([0.1, 0.5, 0.9])
     m = detection_metrics(scores, torch.tensor([False, False, False]))
-    assert set(m) == {"auroc", "auprc"}
-    assert math.isnan(m["auroc"]) and math.isnan(m["auprc"])
+    assert set(m) == {"auroc", "auprc", "f1_best"}
+    assert math.isnan(m["auroc"]) and math.isnan(m["auprc"]) and math.isnan(m["f1_best"])
     m = detection_metrics(scores, torch.tensor([True, True, True]), torch.tensor([True, False, True]))
     assert math.isnan(m["auroc"])
-    assert m["auprc"] == pytest.approx(1.0)
+    assert m["auprc"] == pytest.approx(1.0) and m["f1_best"] == pytest.approx(1.0)
     assert m["precision"] == pytest.approx(1.0) and m["recall"] == pytest.approx(2.0 / 3.0)
 
 
@@ -243,6 +243,20 @@ def test_detection_large_scores_keep_order() -> None:
     assert detection_metrics(scores, is_noisy)["auroc"] == pytest.approx(1.0)
 
 
+def test_best_f1_is_the_best_cut_found_by_trying_every_threshold() -> None:
+    rng = np.random.default_rng(5)
+    is_noisy = torch.from_numpy(rng.random(300) < 0.35)
+    scores = torch.from_numpy(np.where(is_noisy.numpy(), rng.normal(-1, 1, 300), rng.normal(1, 1, 300)))
+    best = 0.0
+    for cut in scores.tolist():  # flag every pair at or below the cut
+        flags = scores <= cut
+        tp = int((flags & is_noisy).sum())
+        best = max(best, 2 * tp / (int(flags.sum()) + int(is_noisy.sum())))
+    got = detection_metrics(scores, is_noisy)["f1_best"]
+    assert got == pytest.approx(best, abs=1e-6)
+    assert 0.6 < got < 1.0  # overlapping classes: no cut is perfect, the best one is far above chance
+
+
 def test_meter_over_two_updates_equals_one_shot() -> None:
     scores, is_noisy, flagged = _detection_data(150, seed=2)
     meter = NCDetectionMeter()
@@ -250,7 +264,7 @@ def test_meter_over_two_updates_equals_one_shot() -> None:
     meter.update(scores[60:], is_noisy[60:], flagged[60:])
     got = meter.compute()
     expected = detection_metrics(scores, is_noisy, flagged)
-    assert set(got) == {"auroc", "auprc", "precision", "recall", "f1"}
+    assert set(got) == {"auroc", "auprc", "f1_best", "precision", "recall", "f1"}
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
@@ -261,5 +275,5 @@ def test_meter_over_two_updates_equals_one_shot() -> None:
     ranking_only = NCDetectionMeter(with_flags=False)
     ranking_only.update(scores, is_noisy)
     got = ranking_only.compute()
-    assert set(got) == {"auroc", "auprc"}
+    assert set(got) == {"auroc", "auprc", "f1_best"}
     assert got["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)

@@ -5,6 +5,10 @@ caption, or its cosine similarity). Ranking metrics therefore rank pairs by decr
 taken as ``sigmoid(-score)`` in float64: a strictly decreasing map into [0, 1], so torchmetrics uses it
 as is. It is exact for scores of moderate magnitude (|score| below ~35, beyond which float64 saturates).
 
+``f1_best`` is the F1 of the best cut of the scores (flag every pair below some threshold): what any rule
+that cuts these scores could reach, so a detector's own F1 below it is the cut's fault and the rest the
+score's.
+
 Undefined cases: AUROC is ``nan`` when the labels hold a single class; AUPRC is ``nan`` when there is no
 noisy pair (recall has no denominator); with only noisy pairs AUPRC is 1.
 """
@@ -20,6 +24,7 @@ from torchmetrics.classification import (
     BinaryAveragePrecision,
     BinaryF1Score,
     BinaryPrecision,
+    BinaryPrecisionRecallCurve,
     BinaryRecall,
 )
 from torchmetrics.functional.classification import (
@@ -27,6 +32,7 @@ from torchmetrics.functional.classification import (
     binary_average_precision,
     binary_f1_score,
     binary_precision,
+    binary_precision_recall_curve,
     binary_recall,
 )
 
@@ -34,6 +40,10 @@ from torchmetrics.functional.classification import (
 def _noisiness(scores: Tensor) -> Tensor:
     """Strictly decreasing map of the scores into [0, 1]: higher means more likely noisy."""
     return torch.sigmoid(-scores.detach().double().flatten())
+
+
+def _best_f1(precision: Tensor, recall: Tensor) -> float:
+    return float((2 * precision * recall / (precision + recall).clamp_min(1e-12)).max())
 
 
 def _check(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None) -> None:
@@ -52,7 +62,7 @@ def detection_metrics(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None =
         flagged: optional (N,) bool mask of the pairs a method flagged as noisy.
 
     Returns:
-        ``auroc`` and ``auprc``; plus ``precision``, ``recall`` and ``f1`` of the flags (noisy = positive,
+        ``auroc``, ``auprc`` and ``f1_best``; plus ``precision``, ``recall`` and ``f1`` of the flags (noisy = positive,
         0 where a denominator is zero) when ``flagged`` is given. Values are floats in [0, 1].
     """
     _check(scores, is_noisy, flagged)
@@ -63,6 +73,7 @@ def detection_metrics(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None =
     both_classes = 0 < num_pos < target.numel()
     out["auroc"] = float(binary_auroc(preds, target)) if both_classes else float("nan")
     out["auprc"] = float(binary_average_precision(preds, target)) if num_pos > 0 else float("nan")
+    out["f1_best"] = _best_f1(*binary_precision_recall_curve(preds, target)[:2]) if num_pos > 0 else float("nan")
     if flagged is not None:
         flags = flagged.detach().flatten().long().to(target.device)
         out["precision"] = float(binary_precision(flags, target))
@@ -81,7 +92,8 @@ class NCDetectionMeter(torch.nn.Module):
     def __init__(self, with_flags: bool = True) -> None:
         super().__init__()
         self.with_flags = with_flags
-        self.ranking = MetricCollection({"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision()})
+        self.ranking = MetricCollection({"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision(),
+                                         "curve": BinaryPrecisionRecallCurve()})
         self.flags = MetricCollection(
             {"precision": BinaryPrecision(), "recall": BinaryRecall(), "f1": BinaryF1Score()}
         )
@@ -110,6 +122,7 @@ class NCDetectionMeter(torch.nn.Module):
         both_classes = 0 < num_pos < num_total
         out["auroc"] = float(self.ranking["auroc"].compute()) if both_classes else float("nan")
         out["auprc"] = float(self.ranking["auprc"].compute()) if num_pos > 0 else float("nan")
+        out["f1_best"] = _best_f1(*self.ranking["curve"].compute()[:2]) if num_pos > 0 else float("nan")
         if self.with_flags:
             out |= {name: float(value) for name, value in self.flags.compute().items()}
         return out
