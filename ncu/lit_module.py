@@ -284,8 +284,7 @@ class CLIPUnlearner(L.LightningModule):
             if passed is not None:
                 bank.copy_(torch.where(torch.isnan(passed), bank, passed))
                 if self.detector == "ema":  # no history yet (a model given by model.pretrained): start it here
-                    self.sample_history = torch.where(torch.isnan(passed), passed, passed.clamp_min(
-                        detectors.EPS).log()).to(bank.device)
+                    self.sample_history = passed.clamp_min(detectors.EPS).log().to(bank.device)  # NaN stays NaN
         known = ~torch.isnan(bank)
         flags = torch.zeros_like(known)
         p_clean = torch.ones_like(bank)
