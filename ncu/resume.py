@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 # Keys that change how a run executes or reports, not its numbers: a resume may change them.
 FREE_KEYS = ("resume", "logger", "paths", "hydra", "callbacks", "print_table", "task_name", "experiment_name",
-             "tags", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator",
+             "tags", "trust_checkpoints", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator",
              "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.enable_model_summary",
              "data.num_workers", "data.eval_batch_size", "data.index_cache", "data.cache_dir")
 

@@ -35,7 +35,8 @@ HEADLINE = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", 
 def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnlearner]:
     """Model (with its transforms and tokenizer), data module and Lightning module of a run config."""
     bundle = factory.create(cfg.model.name, cfg.model.pretrained,
-                            aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}, resolve=True))
+                            aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}, resolve=True),
+                            trusted=cfg.trust_checkpoints)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     dm = PairDataModule(data, OmegaConf.to_container(cfg.noise, resolve=True), batch_size=data["batch_size"],
                         eval_batch_size=data["eval_batch_size"], num_workers=data["num_workers"],
@@ -240,7 +241,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if index < n_done:
                 continue
             if index and index == n_done:  # resuming after a finished stage: start from its weights
-                load_stage_weights(module, run.checkpoint(index - 1))
+                load_stage_weights(module, run.checkpoint(index - 1), cfg.trust_checkpoints)
             run_stage(run, index, name, stage)
         finish(run)
     finally:
@@ -280,7 +281,7 @@ def run_stage(run: Run, index: int, name: str, stage: dict) -> None:
     if index == 0 and name != "pretrain":
         run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))  # the model as given
     cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
-    if cache is not None and load_cached_pretrain(module, cache):
+    if cache is not None and load_cached_pretrain(module, cache, cfg.trust_checkpoints):
         log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(run.plan), name, cache)
         copy_atomic(cache, run.checkpoint(index))
     else:
@@ -296,17 +297,18 @@ def fit_stage(run: Run, index: int, name: str, stage: dict) -> None:
     """``trainer.fit`` of the stage (from its last epoch checkpoint when resuming inside it), then the last
     epoch's train/* and val/*, the stage-end metrics and the stage checkpoint."""
     trainer = run.trainer
-    resume_from = mid_stage_checkpoint(run.run_dir, index) if run.cfg.get("resume") == "auto" else None
+    trusted = run.cfg.trust_checkpoints
+    resume_from = mid_stage_checkpoint(run.run_dir, index, trusted) if run.cfg.get("resume") == "auto" else None
     log.info("stage %d/%d: %s (%s, %d epochs)%s", index + 1, len(run.plan), name, stage["objective"],
              stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
-    trainer.fit(run.module, datamodule=run.dm, ckpt_path=resume_from)
+    trainer.fit(run.module, datamodule=run.dm, ckpt_path=resume_from, weights_only=not trusted)
     run.progress["step"] = trainer.fit_loop.epoch_loop._batches_that_stepped
     # Read now: a test run would reset them.
     run.progress["fit_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
                                    if k.startswith(("train/", "val/")) and v.numel() == 1}
     if name != "pretrain":
         run.metrics.update(stage_end_metrics(name, run.module, run.dm, run.progress["fit_metrics"]))
-    trainer.save_checkpoint(run.checkpoint(index))
+    trainer.save_checkpoint(run.checkpoint(index), weights_only=False)  # the full state: a resume continues it
 
 
 def finish(run: Run) -> None:
@@ -314,7 +316,7 @@ def finish(run: Run) -> None:
     numbers and write metrics.json."""
     if run.trainer is None:
         last = len(run.plan) - 1
-        load_stage_weights(run.module, run.checkpoint(last))
+        load_stage_weights(run.module, run.checkpoint(last), run.cfg.trust_checkpoints)
         run.trainer = build_trainer(run.cfg, run.plan[last][1], [], run.run_dir, last, run.plan[last][0], run.step)
     metrics = run.metrics
     metrics.update(run.progress["fit_metrics"])
@@ -333,24 +335,25 @@ def stage_seed(seed: int, stage: str) -> int:
     return seed + int(hashlib.sha1(stage.encode()).hexdigest()[:6], 16) % 100_000
 
 
-def load_stage_weights(module: CLIPUnlearner, path: Path) -> None:
+def load_stage_weights(module: CLIPUnlearner, path: Path, trusted: bool = False) -> None:
     """Weights of a finished stage. A pre-training checkpoint may come from a run of another method (the
     shared cache), so it may lack this method's negation prompt: that alone is allowed to be missing."""
-    ckpt = factory.read_checkpoint(path)
+    ckpt = factory.read_checkpoint(path, trusted)
     factory.check_state_dict(module, ckpt["state_dict"], path, module.hparams["config"].get("model", {}).get("name"),
                              factory.trained_model_name(ckpt), optional=("prompt.",))
     module.load_state_dict(ckpt["state_dict"], strict=False)
     module.restore_history(ckpt)
 
 
-def load_cached_pretrain(module: CLIPUnlearner, cache: Path) -> bool:
+def load_cached_pretrain(module: CLIPUnlearner, cache: Path, trusted: bool = False) -> bool:
     """Load the cached pre-trained weights; a cache file that is missing or does not load (truncated, another
-    model) is reported in one line and pre-training runs again (its result replaces the file)."""
+    model, objects that safe loading refuses) is reported in one line and pre-training runs again (its result
+    replaces the file)."""
     if not cache.exists():
         return False
     try:
         ckpt = factory.load_run_checkpoint(module.model, str(cache),
-                                           module.hparams["config"].get("model", {}).get("name"))
+                                           module.hparams["config"].get("model", {}).get("name"), trusted)
     except CheckpointError as e:
         log.warning("pre-training cache unusable, pre-training again: %s", e)
         return False
@@ -360,12 +363,12 @@ def load_cached_pretrain(module: CLIPUnlearner, cache: Path) -> bool:
     return True
 
 
-def mid_stage_checkpoint(run_dir: Path, index: int) -> str | None:
+def mid_stage_checkpoint(run_dir: Path, index: int, trusted: bool = False) -> str | None:
     """``last.ckpt`` when it was written during stage ``index`` (an interrupted stage), else None."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
-    ckpt = factory.read_checkpoint(last)
+    ckpt = factory.read_checkpoint(last, trusted)
     return str(last) if ckpt.get("ncu_stage_index") == index else None
 
 

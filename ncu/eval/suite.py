@@ -106,11 +106,11 @@ def columns_of(task: dict, defaults: dict[str, str]) -> dict[str, str]:
     return {role: task.get(role, default) for role, default in defaults.items()}
 
 
-def load_run_config(ckpt_path: str) -> DictConfig:
+def load_run_config(ckpt_path: str, trusted: bool = False) -> DictConfig:
     """The resolved config a checkpoint was trained with (stored in its hyper-parameters)."""
     if not Path(ckpt_path).exists():
         raise ConfigError(f"ckpt_path={ckpt_path!r}: file not found")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, trusted)
     config = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
     if not config:
         raise ConfigError(f"{ckpt_path} carries no run config: was it written by train.py?")
@@ -171,11 +171,11 @@ def check_task_tables(name: str, task: dict) -> None:
         raise ConfigError(f"benchmark.tasks.{name}: {e.args[0] if e.args else e}") from e
 
 
-def create_bundle(model_cfg: DictConfig) -> ModelBundle:
+def create_bundle(model_cfg: DictConfig, trusted: bool) -> ModelBundle:
     """open_clip model, transforms and tokenizer of ``model.name`` with ``model.pretrained`` weights (a
     ``LaCLIP-*`` name reads LaCLIP's checkpoint format and preprocessing; see ``factory.create``)."""
     aug = OmegaConf.to_container(model_cfg.get("aug") or {}, resolve=True)
-    return create(model_cfg.name, model_cfg.get("pretrained"), aug_cfg=aug)
+    return create(model_cfg.name, model_cfg.get("pretrained"), aug_cfg=aug, trusted=trusted)
 
 
 @dataclass
@@ -209,13 +209,14 @@ def make_context(cfg: DictConfig, tasks: dict[str, dict], out_dir: Path) -> Cont
         run_cfg = OmegaConf.create({**defaults, "model": OmegaConf.to_container(cfg.model, resolve=True),
                                     "paths": OmegaConf.to_container(cfg.paths, resolve=True)})
     else:
-        run_cfg = load_run_config(cfg.ckpt_path)
+        run_cfg = load_run_config(cfg.ckpt_path, cfg.trust_checkpoints)
         run_cfg.model.pretrained = str(Path(cfg.ckpt_path).resolve())
     run_cfg = OmegaConf.merge(run_cfg, cfg.get("run_overrides") or {})
+    run_cfg.trust_checkpoints = cfg.trust_checkpoints  # this command's choice, never the checkpoint's
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     device = pick_device(trainer_kwargs.get("accelerator", "auto"))
     if not any(t["kind"] in RUN_DATA_KINDS for t in tasks.values()):
-        bundle = create_bundle(run_cfg.model)
+        bundle = create_bundle(run_cfg.model, cfg.trust_checkpoints)
         return Context(bundle.model, bundle.preprocess_val, bundle.tokenizer, device, out_dir, run_cfg,
                        trainer_kwargs)
     bundle, dm, module = build(run_cfg)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,14 +50,32 @@ def _is_lightning_ckpt(path: str) -> bool:
     return path.endswith(".ckpt")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` of a checkpoint file; a missing, truncated or foreign file raises ``CheckpointError``
-    naming the path."""
+TRUST_HINT = "trust_checkpoints=true"
+
+
+def unsafe_checkpoint_error(path: str | Path, err: Exception) -> CheckpointError:
+    """The one-line refusal of a file that ``torch.load(weights_only=True)`` will not unpickle: it holds
+    objects beyond tensors and plain containers, and unpickling those can run any code."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(f"checkpoint {path} holds Python objects beyond tensors and plain data{what}; loading "
+                           f"it could run code, so it is refused. Pass {TRUST_HINT} only for a file you trust")
+
+
+def is_unsafe_load(err: Exception) -> bool:
+    return isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed")
+
+
+def read_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file with ``weights_only=True`` unless ``trusted``; a missing, truncated,
+    foreign or code-carrying file raises ``CheckpointError`` naming the path."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: file not found") from None
     except Exception as e:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not a readable checkpoint"
+        if is_unsafe_load(e):
+            raise unsafe_checkpoint_error(path, e) from None
         raise CheckpointError(f"checkpoint {path} is not readable (truncated or not a torch checkpoint: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
@@ -86,9 +106,10 @@ def trained_model_name(ckpt: dict[str, Any]) -> str | None:
     return (config.get("model") or {}).get("name") if isinstance(config, dict) else None
 
 
-def load_run_checkpoint(model: torch.nn.Module, path: str, name: str | None = None) -> dict[str, Any]:
+def load_run_checkpoint(model: torch.nn.Module, path: str, name: str | None = None,
+                        trusted: bool = False) -> dict[str, Any]:
     """Load the CLIP weights of one of our Lightning checkpoints (keys ``model.*``) into ``model``."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trusted)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no state_dict: not a checkpoint written by train.py")
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -102,6 +123,7 @@ def create(
     name: str,
     pretrained: str | None = None,
     aug_cfg: dict | None = None,
+    trusted: bool = False,
     **kwargs: Any,
 ) -> ModelBundle:
     """Build an open_clip model with its transforms and tokenizer.
@@ -111,6 +133,8 @@ def create(
     LAION checkpoints are such files, under open_clip names such as ``ViT-B-32``), or a ``.ckpt`` written by
     ``train.py`` (its CLIP weights are loaded). A ``LaCLIP-*`` name gets LaCLIP's preprocessing, and a file
     that is not one of our ``.ckpt`` is read in LaCLIP's own checkpoint format (``ncu.models.laclip``).
+    Every file is read with ``torch.load(weights_only=True)`` unless ``trusted``: one holding other objects is
+    refused (``CheckpointError``), as unpickling them can run code.
     """
     check_model_name(name)
     ours = pretrained is not None and _is_lightning_ckpt(str(pretrained))
@@ -119,14 +143,23 @@ def create(
     laclip = str(name).startswith("LaCLIP-")
     if laclip:
         kwargs = {**LACLIP_PREPROCESS, **kwargs}
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None if (ours or laclip) else pretrained, aug_cfg=dict(aug_cfg or {}), **kwargs
-    )
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None if (ours or laclip) else pretrained, aug_cfg=dict(aug_cfg or {}),
+            weights_only=not trusted, **kwargs
+        )
+    except pickle.UnpicklingError as e:
+        if is_unsafe_load(e):
+            raise unsafe_checkpoint_error(pretrained, e) from None
+        raise
     if ours:
-        load_run_checkpoint(model, str(pretrained), name)
+        load_run_checkpoint(model, str(pretrained), name, trusted)
         log.info("loaded CLIP weights from %s", pretrained)
     elif laclip and pretrained is not None:
-        load_laclip(model, str(pretrained))
+        try:
+            load_laclip(model, str(pretrained), weights_only=not trusted)
+        except pickle.UnpicklingError as e:
+            raise unsafe_checkpoint_error(pretrained, e) from None
         log.info("loaded LaCLIP weights from %s", pretrained)
     tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name)
