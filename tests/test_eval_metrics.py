@@ -16,18 +16,19 @@ from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
 
 def _hand_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """3 images on the axes e0, e1, e2; 6 captions, 2 per image, with exactly representable similarities.
+    Ties are broken at random in expectation: (above g, tied e) counts R@K as clip((K - g) / (e + 1), 0, 1).
 
     caption -> image sims (rows: captions c0..c5, cols: images 0..2)
-        c0 (img 0) = e0                 [1,    0,    0  ]  rank 0
-        c1 (img 0) = (e0 + e1)/sqrt2    [.707, .707, 0  ]  rank 0 (tie with image 1 favours the truth)
-        c2 (img 1) = e0                 [1,    0,    0  ]  rank 1 (image 0 above; tie with image 2)
-        c3 (img 1) = .6 e1 + .8 e2      [0,    .6,   .8 ]  rank 1
-        c4 (img 2) = e2                 [0,    0,    1  ]  rank 0
-        c5 (img 2) = .8 e0 + .6 e2      [.8,   0,    .6 ]  rank 1
+        c0 (img 0) = e0                 [1,    0,    0  ]  g=0 e=0: R@1 1
+        c1 (img 0) = (e0 + e1)/sqrt2    [.707, .707, 0  ]  g=0 e=1 (tie with image 1): R@1 1/2, R@2 1
+        c2 (img 1) = e0                 [1,    0,    0  ]  g=1 e=1 (image 0 above, tie with 2): R@1 0, R@2 1/2
+        c3 (img 1) = .6 e1 + .8 e2      [0,    .6,   .8 ]  g=1 e=0: R@1 0
+        c4 (img 2) = e2                 [0,    0,    1  ]  g=0 e=0: R@1 1
+        c5 (img 2) = .8 e0 + .6 e2      [.8,   0,    .6 ]  g=1 e=0: R@1 0
     image -> caption:
-        img 0: [1, .707, 1, 0, 0, .8]  best truth c0 = 1, tie with c2 -> rank 0
-        img 1: [0, .707, 0, .6, 0, 0]  best truth is the SECOND caption c3 = .6, c1 above -> rank 1
-        img 2: [0, 0, 0, .8, 1, .6]    best truth c4 = 1 -> rank 0
+        img 0: [1, .707, 1, 0, 0, .8]  best truth c0 = 1, tie with c2 (image 1's): g=0 e=1, R@1 1/2
+        img 1: [0, .707, 0, .6, 0, 0]  best truth is the SECOND caption c3 = .6, c1 above: g=1 e=0
+        img 2: [0, 0, 0, .8, 1, .6]    best truth c4 = 1: g=0 e=0
     """
     images = torch.eye(3)
     s = 1.0 / math.sqrt(2.0)
@@ -42,30 +43,60 @@ def _hand_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_retrieval_hand_computed(chunk_size: int) -> None:
     images, texts, t2i = _hand_case()
     m = retrieval_metrics(images, texts, t2i, ks=(1, 5, 10), chunk_size=chunk_size)
-    # i2t 0-based ranks [0, 1, 0]; t2i 0-based ranks [0, 0, 1, 1, 0, 1].
-    assert m["i2t_R@1"] == pytest.approx(200.0 / 3.0)
+    # i2t R@1 (1/2 + 0 + 1) / 3; t2i R@1 (1 + 1/2 + 0 + 0 + 1 + 0) / 6.
+    assert m["i2t_R@1"] == pytest.approx(50.0)
     assert m["i2t_R@5"] == 100.0 and m["i2t_R@10"] == 100.0
-    assert m["t2i_R@1"] == pytest.approx(50.0)
+    assert m["t2i_R@1"] == pytest.approx(250.0 / 6.0)
     assert m["t2i_R@5"] == 100.0 and m["t2i_R@10"] == 100.0
-    assert m["rsum"] == pytest.approx(200.0 / 3.0 + 50.0 + 400.0)
+    assert m["rsum"] == pytest.approx(50.0 + 250.0 / 6.0 + 400.0)
+    # mid-ranks g + e/2: i2t [.5, 1, 0] (median .5 -> floored -> 1-based 1); t2i [0, .5, 1.5, 1, 0, 1]
+    # (median .75 -> 1)
     assert m["i2t_medr"] == 1.0
-    # median of [0,0,0,1,1,1] is 0.5 -> floored -> 1-based 1
     assert m["t2i_medr"] == 1.0
-    assert m["i2t_meanr"] == pytest.approx(4.0 / 3.0)
-    assert m["t2i_meanr"] == pytest.approx(1.5)
+    assert m["i2t_meanr"] == pytest.approx(4.5 / 3.0)
+    assert m["t2i_meanr"] == pytest.approx(10.0 / 6.0)
 
 
 def test_retrieval_custom_ks() -> None:
     images, texts, t2i = _hand_case()
     m = retrieval_metrics(images, texts, t2i, ks=(2,))
     assert set(m) == {"i2t_R@2", "t2i_R@2", "rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr"}
-    assert m["rsum"] == 200.0
-    # Moving caption c2 onto its own image e1 makes it rank 0 both ways: t2i ranks [0,0,0,1,0,1].
+    # i2t R@2 = 100; t2i R@2: c2 (g=1, e=1) counts (2 - 1) / 2, every other caption 1.
+    assert m["i2t_R@2"] == 100.0 and m["t2i_R@2"] == pytest.approx(550.0 / 6.0)
+    assert m["rsum"] == pytest.approx(100.0 + 550.0 / 6.0)
+    # Moving caption c2 onto its own image e1 makes it rank 0 both ways and removes image 0's tie:
+    # t2i R@1 (1 + 1/2 + 1 + 0 + 1 + 0) / 6, every image's best truth first.
     texts2 = texts.clone()
     texts2[2] = torch.tensor([0.0, 1.0, 0.0])
     m2 = retrieval_metrics(images, texts2, t2i, ks=(1,))
-    assert m2["t2i_R@1"] == pytest.approx(400.0 / 6.0)
+    assert m2["t2i_R@1"] == pytest.approx(350.0 / 6.0)
     assert m2["i2t_R@1"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("features", ["constant", "nan"])
+def test_a_collapsed_model_scores_at_chance_not_perfect(features):
+    """Every score tied (constant features; NaN features, all -inf): R@K is K / candidates, mean rank the
+    middle, whatever the ground truth. Counting only strictly greater scores would give R@1 = 100."""
+    n, dim = 20, 4
+    make = torch.ones if features == "constant" else (lambda *shape: torch.full(shape, float("nan")))
+    images, texts = make(n, dim), make(2 * n, dim)
+    t2i = torch.arange(n).repeat(2)
+    m = retrieval_metrics(images, texts, t2i, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert m[f"t2i_R@{k}"] == pytest.approx(100.0 * k / n)  # k of n images
+        # 2 captions of the image tie with the 2n - 2 others: the block of 2n - 1 answers, 1 of them right
+        assert m[f"i2t_R@{k}"] == pytest.approx(100.0 * k / (2 * n - 1))
+    assert m["t2i_meanr"] == pytest.approx((n + 1) / 2)
+    assert m["rsum"] == pytest.approx(sum(100.0 * k / n + 100.0 * k / (2 * n - 1) for k in (1, 5, 10)))  # 121
+
+
+def test_nan_scores_rank_below_every_number():
+    images, texts, t2i = _hand_case()
+    texts = texts.clone()
+    texts[0] = float("nan")  # c0 (image 0) scores NaN against every image: all of them tie at the bottom
+    m = retrieval_metrics(images, texts, t2i, ks=(1,))
+    # c0: g=0, e=2 -> R@1 1/3 (was 1); the other captions are unchanged
+    assert m["t2i_R@1"] == pytest.approx((1 / 3 + 0.5 + 0 + 0 + 1 + 0) / 6 * 100.0)
 
 
 def test_retrieval_rejects_uncaptioned_images() -> None:

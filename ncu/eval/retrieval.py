@@ -2,8 +2,11 @@
 
 Conventions:
 - Scores are cosine similarities of L2-normalised features, computed in float32.
-- A rank is 0-based and counts the candidates with a STRICTLY greater score than the ground truth, so ties
-  are resolved in favour of the ground truth.
+- A rank is 0-based. Ties are broken at random, in expectation: with ``g`` candidates scored above the ground
+  truth and ``e`` others scored equal to it, R@K counts the query as ``clip((K - g) / (e + 1), 0, 1)`` (the
+  chance that a random order of the tied block puts the truth in the top K) and the rank is the mid-rank
+  ``g + e / 2``. A constant model therefore scores at chance (R@K = K / candidates), never at 100; NaN scores
+  rank last (as -inf). Without ties this is the plain strict rank.
 - image->text uses, per image, the best (smallest) rank among its ground-truth captions; text->image uses
   the rank of the paired image.
 - The similarity matrix is never built whole: rows are processed ``chunk_size`` at a time in each direction.
@@ -37,44 +40,62 @@ def _check_inputs(image_features: Tensor, text_features: Tensor, text_to_image: 
         raise ValueError(f"{missing} of {num_images} images have no caption; drop them before evaluating")
 
 
+Ranks = tuple[Tensor, Tensor]  # per query: candidates scored above the truth, others tied with it
+
+
+def _similarities(queries: Tensor, candidates: Tensor) -> Tensor:
+    # NaN as -inf: a NaN score is below every number and ties only with other NaN scores.
+    return torch.nan_to_num(queries @ candidates.T, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def _cat(parts: list[Tensor], device: torch.device) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
 def t2i_ranks(
     image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
-) -> Tensor:
-    """0-based rank of each caption's paired image among all images, chunked over captions. Shape (T,)."""
+) -> Ranks:
+    """For each caption, how many images score above its paired image and how many others tie with it,
+    chunked over captions. Two tensors of shape (T,)."""
     images = image_features.float()
     texts = text_features.float()
     targets = text_to_image.to(images.device).long()
-    ranks = []
+    above, tied = [], []
     for start in range(0, texts.shape[0], chunk_size):
-        sims = texts[start : start + chunk_size] @ images.T  # (c, M)
-        chunk_targets = targets[start : start + chunk_size]
-        gt = sims.gather(1, chunk_targets[:, None])  # (c, 1)
-        ranks.append((sims > gt).sum(dim=1))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=images.device)
+        sims = _similarities(texts[start : start + chunk_size], images)  # (c, M)
+        gt = sims.gather(1, targets[start : start + chunk_size, None])  # (c, 1)
+        above.append((sims > gt).sum(dim=1))
+        tied.append((sims == gt).sum(dim=1) - 1)  # the paired image itself is not a tie
+    return _cat(above, images.device), _cat(tied, images.device)
 
 
 def i2t_ranks(
     image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
-) -> Tensor:
-    """0-based rank of each image's best-scored ground-truth caption, chunked over images. Shape (M,)."""
+) -> Ranks:
+    """For each image, how many captions score above its best-scored ground-truth caption and how many other
+    images' captions tie with it, chunked over images. Two tensors of shape (M,)."""
     images = image_features.float()
     texts = text_features.float()
     targets = text_to_image.to(images.device).long()
-    ranks = []
+    above, tied = [], []
     for start in range(0, images.shape[0], chunk_size):
-        sims = images[start : start + chunk_size] @ texts.T  # (c, T)
+        sims = _similarities(images[start : start + chunk_size], texts)  # (c, T)
         image_ids = torch.arange(start, start + sims.shape[0], device=images.device)
         is_gt = targets[None, :] == image_ids[:, None]  # (c, T)
-        # The best rank among the ground truths is the rank of the highest-scoring ground truth.
+        # The best rank among the ground truths is the rank of the highest-scoring ground truth; ground truths
+        # tied with it are the same answer, not competitors.
         best_gt = sims.masked_fill(~is_gt, float("-inf")).max(dim=1, keepdim=True).values
-        ranks.append((sims > best_gt).sum(dim=1))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=images.device)
+        above.append((sims > best_gt).sum(dim=1))
+        tied.append(((sims == best_gt) & ~is_gt).sum(dim=1))
+    return _cat(above, images.device), _cat(tied, images.device)
 
 
-def _summarise(ranks: Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
-    """Recalls in percent, 1-based median rank (floor of the median, the usual convention) and mean rank."""
-    ranks = ranks.double()
-    out = {f"{prefix}_R@{k}": float((ranks < k).double().mean() * 100.0) for k in ks}
+def _summarise(ranks: Ranks, ks: Sequence[int], prefix: str) -> dict[str, float]:
+    """Recalls in percent (ties in expectation), 1-based median rank (floor of the median mid-rank, the usual
+    convention) and mean rank."""
+    above, tied = (r.double() for r in ranks)
+    out = {f"{prefix}_R@{k}": float(((k - above) / (tied + 1)).clamp(0, 1).mean() * 100.0) for k in ks}
+    ranks = above + tied / 2  # the mid-rank: the mean of the ranks a random tie-break gives
     # Median of the 0-based ranks, averaging the two middles for an even count, floored, then made 1-based.
     median = float(torch.quantile(ranks, 0.5))
     out[f"{prefix}_medr"] = float(int(median) + 1)
