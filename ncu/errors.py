@@ -20,3 +20,8 @@ class CheckpointError(InputError):
 
 class DataError(InputError):
     """Data that cannot make a run (no rows, a split smaller than one batch, an unreadable table)."""
+
+
+class DivergedError(InputError):
+    """Training produced a non-finite loss, features or weights (too high a learning rate, most often); the
+    message names the stage, the step, the learning rate and the key to lower."""

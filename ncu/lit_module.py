@@ -19,6 +19,7 @@ from open_clip.loss import ClipLoss
 
 from ncu import detectors, stages
 from ncu.choices import ANCHORS, DETECTORS, FLAG_OBJECTIVES, NEGATION_HEADS, OBJECTIVES
+from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
@@ -58,6 +59,17 @@ def _numpy_state_to_safe() -> dict:
 def _numpy_state_from_safe(state: dict) -> None:
     np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
                          state["has_gauss"], state["cached"]))
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf (a diverged model). Buffers are left out: attention masks
+    hold -inf by design."""
+    return [name for name, x in module.named_parameters() if not bool(torch.isfinite(x).all())]
+
+
+def lr_key(stage: str) -> str:
+    """The config key of a stage's learning rate."""
+    return "pretrain.stage.lr" if stage == "pretrain" else f"method.stages.{stage}.lr"
 
 
 class CLIPUnlearner(L.LightningModule):
@@ -347,6 +359,17 @@ class CLIPUnlearner(L.LightningModule):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
+    def stop_if_not_finite(self, value: torch.Tensor, what: str) -> None:
+        """A diverged stage stops here with one line (stage, step, learning rate), before its weights are
+        checkpointed, cached or evaluated as a result."""
+        if bool(torch.isfinite(value).all()):
+            return
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        lr = optimizers[0].param_groups[0]["lr"] if optimizers else self.stage.get("lr", float("nan"))
+        step = self.trainer.global_step if self._trainer is not None else 0
+        raise DivergedError(f"stage {self.stage_name!r} diverged at step {step} (lr {lr:.3g}): {what} not finite; "
+                            f"lower {lr_key(self.stage_name)} (or add warm-up)")
+
     # ----- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         objective = self.stage["objective"]
@@ -357,6 +380,7 @@ class CLIPUnlearner(L.LightningModule):
         noisy = self.gather(batch["noisy"].to(self.device))
         s = self.logit_scale()
         scores = ncu_obj.nc_scores(v, t, s)
+        self.stop_if_not_finite(scores, "the pair scores (features or logit scale) are")  # before OT sees them
         index = self.gather(torch.as_tensor(batch["index"], device=self.device)) if "index" in batch else None
         self.record_history(index, scores)
         flagged, detection_scores = self.flag(scores, noisy, index)
@@ -395,6 +419,7 @@ class CLIPUnlearner(L.LightningModule):
         # Kept (detached) for the dashboard images of the last batch of the epoch.
         self.last_batch = (v.detach().float(), t.detach().float(),
                            tn.detach().float() if tn is not None else None, flagged)
+        self.stop_if_not_finite(loss, "the loss is")
         bs = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", s.detach(), batch_size=bs)
@@ -456,6 +481,10 @@ class CLIPUnlearner(L.LightningModule):
             first = torch.ones_like(order, dtype=torch.bool)
             first[1:] = index[order][1:] != index[order][:-1]
             v, t = v[order[first]], t[order[first]]
+        if not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
+            raise DivergedError(f"the model's {split} features are not finite (a diverged model, at stage "
+                                f"{self.stage_name!r}: lower {lr_key(self.stage_name)} if it trained it); it is "
+                                "not evaluated")
         if split == "val":
             self.last_val_features = (v, t)
         metrics = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))

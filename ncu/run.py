@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from ncu import resume
 from ncu.callbacks import DashboardImages
 from ncu.config import ConfigError, plan_stages, validate
-from ncu.errors import CheckpointError
+from ncu.errors import CheckpointError, DivergedError
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
 from ncu.files import atomic_path
-from ncu.lit_module import CLIPUnlearner
+from ncu.lit_module import CLIPUnlearner, lr_key, non_finite_parameters
 from ncu.models import factory
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,8 @@ def single_log_stream() -> None:
     line would print twice. Its product tips ("💡 Tip: ... litlogger"), one per stage, are dropped, and so is
     its warning about a non-empty checkpoint folder: the stages share one by design."""
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # torch deprecates the LeafSpec() that this Lightning release still builds (nothing for a user to do)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         if logging.getLogger().handlers:
@@ -306,9 +308,18 @@ def fit_stage(run: Run, index: int, name: str, stage: dict) -> None:
     # Read now: a test run would reset them.
     run.progress["fit_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
                                    if k.startswith(("train/", "val/")) and v.numel() == 1}
+    refuse_diverged(run.module, name)
     if name != "pretrain":
         run.metrics.update(stage_end_metrics(name, run.module, run.dm, run.progress["fit_metrics"]))
     trainer.save_checkpoint(run.checkpoint(index), weights_only=False)  # the full state: a resume continues it
+
+
+def refuse_diverged(module: CLIPUnlearner, stage: str) -> None:
+    """A stage whose last update made weights non-finite (after a finite loss) is not a stage result."""
+    bad = non_finite_parameters(module)
+    if bad:
+        raise DivergedError(f"stage {stage!r} ended with non-finite weights ({len(bad)} tensors, e.g. {bad[:2]}); "
+                            f"lower {lr_key(stage)}: the model is not checkpointed, cached or evaluated")
 
 
 def finish(run: Run) -> None:
@@ -356,6 +367,10 @@ def load_cached_pretrain(module: CLIPUnlearner, cache: Path, trusted: bool = Fal
                                            module.hparams["config"].get("model", {}).get("name"), trusted)
     except CheckpointError as e:
         log.warning("pre-training cache unusable, pre-training again: %s", e)
+        return False
+    if non_finite_parameters(module.model):
+        log.warning("pre-training cache %s holds non-finite weights (a diverged pre-training), pre-training again",
+                    cache)
         return False
     if not module.restore_history(ckpt) and module.detector == "ema":
         log.warning("pre-training cache %s holds no per-sample history (written by an older version): the ema "
