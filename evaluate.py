@@ -9,14 +9,13 @@ Results: <run_dir>/eval/<date>_<benchmark>/metrics.json and a printed table (see
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 # Light imports only before the checks; ncu.config also registers the ncu_run_dir resolver of conf/evaluate.yaml.
+from ncu.cli import refuse
 from ncu.config import InputError, validate_eval
-from ncu.files import discard_unused_output
+from ncu.files import storage_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -27,9 +26,12 @@ def main(cfg: DictConfig) -> None:
 
         evaluate(cfg)
     except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        discard_unused_output(cfg.paths.output_dir)
-        sys.exit(2)
+        refuse(cfg.paths.output_dir, e)
+    except OSError as e:  # a full, read-only or forbidden disk: one line naming the path and the free space
+        failed = storage_error(e)
+        if failed is None:
+            raise
+        refuse(cfg.paths.output_dir, failed)
 
 
 if __name__ == "__main__":

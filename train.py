@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -14,8 +13,9 @@ from omegaconf import DictConfig
 
 # Light imports only: a bad value is reported before torch, open_clip and lightning load.
 from ncu import resume
+from ncu.cli import refuse
 from ncu.config import InputError, validate
-from ncu.files import discard_unused_output
+from ncu.files import storage_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,10 +27,12 @@ def main(cfg: DictConfig) -> float | None:
 
         metrics, _ = train(cfg)
     except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if not cfg.get("resume"):
-            discard_unused_output(cfg.paths.output_dir)
-        sys.exit(2)
+        return refuse(cfg.paths.output_dir, e, keep_output=bool(cfg.get("resume")))
+    except OSError as e:  # a full, read-only or forbidden disk: one line naming the path and the free space
+        failed = storage_error(e)
+        if failed is None:
+            raise
+        return refuse(cfg.paths.output_dir, failed, keep_output=True)
     return metrics.get("val/rsum")
 
 

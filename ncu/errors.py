@@ -25,3 +25,8 @@ class DataError(InputError):
 class DivergedError(InputError):
     """Training produced a non-finite loss, features or weights (too high a learning rate, most often); the
     message names the stage, the step, the learning rate and the key to lower."""
+
+
+class StorageError(InputError):
+    """A file or folder that cannot be written (a full disk, a read-only or forbidden folder); the message
+    names the path and the free space there."""

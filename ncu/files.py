@@ -1,10 +1,47 @@
-"""Atomic file writes shared by checkpoints, metrics, noise artifacts and index caches."""
+"""Atomic file writes shared by checkpoints, metrics, noise artifacts and index caches; what a failed write
+says."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ncu.errors import StorageError
+
+# The write failures that are about the disk or folder, not the program: reported in one line.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# What torch.save's zip writer raises (a RuntimeError) when the disk fills under it.
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the disk holding ``path`` (its nearest existing parent), e.g. ``"1.2 GB"``."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.0f} MB"
+
+
+def storage_error(err: BaseException, path: str | os.PathLike | None = None) -> StorageError | None:
+    """``err`` as one line naming the path and its disk's free space when it is a disk or folder failure
+    (full, read-only, forbidden); None for any other error."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        path = err.filename or path
+        reason = os.strerror(err.errno)
+    elif isinstance(err, RuntimeError) and path is not None and any(m in str(err) for m in TORCH_WRITE_FAILURES):
+        reason = "the write failed (disk full?)"
+    else:
+        return None
+    return StorageError(f"cannot write {path or 'a file'}: {reason} ({free_space(path or '.')} free on that disk)")
 
 
 @contextmanager
@@ -15,11 +52,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removed). The temporary name carries the process id because ranks and sweep jobs may write the same file
     at once, and it keeps the suffix for writers that append one (``np.save``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (storage_error(e, path.parent) or e) from None
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        failed = storage_error(e, path)
+        if failed is None:
+            raise
+        raise failed from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,8 +1,10 @@
 """Offline results table of a Hydra sweep: ``python -m ncu.report <multirun dir>``.
 
 A job is any directory holding ``.hydra/overrides.yaml``, searched recursively (nested sweeps work).
-Jobs with a ``metrics.json`` are read; the others (failed or still running) are counted and listed as
-missing. The swept keys are the override keys whose values differ across the read jobs, minus ``hydra.*``,
+Jobs with a ``metrics.json`` are read; a job refused at start (its ``error.txt``) is listed as failed with its
+message; the others (crashed or still running) are listed as missing. Where a sweep's ``multirun.yaml`` gives
+its planned points (Hydra's basic sweeper: the command line's and ``hydra.sweeper.params``' sweeps), the
+points with no job folder at all are listed as not launched. The swept keys are the override keys whose values differ across the read jobs, minus ``hydra.*``,
 the ``--ignore`` patterns and the seed key (the replicate axis). Jobs are grouped by the swept keys and
 every metric is summarised per group as mean and sample standard deviation (ddof=1) over the group's runs.
 
@@ -44,6 +46,8 @@ HEADLINE_METRICS = (
 )
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 METRICS = "metrics.json"
+MULTIRUN = "multirun.yaml"
+ERROR = "error.txt"  # written by ncu.cli.refuse for a point refused at start
 
 
 class ReportError(Exception):
@@ -98,6 +102,11 @@ def parse_overrides(path: str | Path) -> dict[str, Any]:
         raise ReportError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
     if not isinstance(items, list):
         raise ReportError(f"{path}: expected a YAML list of key=value strings")
+    return overrides_dict(items)
+
+
+def overrides_dict(items: Iterable[Any]) -> dict[str, Any]:
+    """``{key: value}`` of ``key=value`` override strings (see :func:`parse_overrides`)."""
     out: dict[str, Any] = {}
     for item in items:
         text = str(item)
@@ -105,6 +114,49 @@ def parse_overrides(path: str | Path) -> dict[str, Any]:
             continue
         key, value = text.split("=", 1)
         out[key.lstrip("+")] = parse_value(value)
+    return out
+
+
+def planned_points(multirun_yaml: str | Path) -> list[dict[str, Any]] | None:
+    """The override dicts of every point a sweep planned, expanded as Hydra's basic sweeper does (the
+    cartesian product of the sweeps in ``hydra.sweeper.params`` and on the command line); None when the file
+    is unreadable or another sweeper (Optuna, ...) chose the points as it went."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        hydra = (yaml.safe_load(Path(multirun_yaml).read_text()) or {}).get("hydra") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    task = list((hydra.get("overrides") or {}).get("task") or [])
+    try:
+        parsed = OverridesParser.create().parse_overrides(params + task)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # noqa: BLE001 - an override this Hydra cannot parse: no plan, the jobs are still read
+        return None
+    return [overrides_dict(job) for job in jobs]
+
+
+def unlaunched_points(root: Path, jobs: Sequence[Path]) -> list[str]:
+    """Planned points of the sweeps under ``root`` (their ``multirun.yaml``) that have no job folder, as
+    ``key=value`` lists. A sweep none of whose jobs lie under its folder (absolute job dirs) is not checked."""
+    out: list[str] = []
+    for plan_file in sorted(root.rglob(MULTIRUN)):
+        sweep = plan_file.parent
+        found = [parse_overrides(job / OVERRIDES) for job in jobs if sweep in job.parents]
+        plan = planned_points(plan_file)
+        if not plan or not found:
+            continue
+        swept = [k for k in plan[0] if len({str(p.get(k)) for p in plan}) > 1] or list(plan[0])
+        for point in plan:
+            if point not in found:
+                out.append(f"{sweep}: " + " ".join(f"{k}={point.get(k)}" for k in swept))
+            else:
+                found.remove(point)
     return out
 
 
@@ -123,7 +175,9 @@ def read_metrics(path: str | Path) -> dict[str, float]:
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per finished job: override columns, metric columns and ``job_dir``.
 
-    Jobs without a readable metrics.json are not rows; their dirs are in ``df.attrs["missing"]``. The column roles are
+    Jobs without a readable metrics.json are not rows: those refused at start are in ``df.attrs["failed"]``
+    (``"<dir>: <message>"``), the others in ``df.attrs["missing"]``; planned points without a job folder are in
+    ``df.attrs["unlaunched"]``. The column roles are
     in ``df.attrs["override_keys"]`` and ``df.attrs["metric_keys"]`` (each in order of first appearance).
     Raises ReportError when the dir does not exist or holds no finished job."""
     root = Path(sweep_dir)
@@ -150,6 +204,8 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
         metric_keys.update(dict.fromkeys(metrics))
         rows.append({**overrides, **metrics, "job_dir": str(job)})
     missing = sorted([*missing, *unreadable], key=lambda p: _natural_key(str(p)))
+    failed = [job for job in missing if (job / ERROR).is_file()]
+    missing = [job for job in missing if job not in failed]
     if not rows:
         raise ReportError(f"no readable {METRICS} under {root}")
     clash = set(override_keys) & set(metric_keys)
@@ -159,6 +215,8 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
     df.attrs["override_keys"] = list(override_keys)
     df.attrs["metric_keys"] = list(metric_keys)
     df.attrs["missing"] = [str(p) for p in missing]
+    df.attrs["failed"] = [f"{p}: {(p / ERROR).read_text().strip()}" for p in failed]
+    df.attrs["unlaunched"] = unlaunched_points(root, [*done, *missing, *failed])
     return df
 
 
@@ -385,12 +443,13 @@ def write_report(
     "plot:<metric>": ...}``."""
     root = Path(sweep_dir)
     df = collect(root)
-    missing = df.attrs["missing"]
+    missing, failed, unlaunched = df.attrs["missing"], df.attrs["failed"], df.attrs["unlaunched"]
     metric_keys = df.attrs["metric_keys"]
-    if missing:
-        listed = "\n".join(f"  {p}" for p in missing)
-        print(f"warning: {len(missing)} job(s) without {METRICS} (failed or still running):\n{listed}",
-              file=sys.stderr)
+    for items, what in ((failed, "refused at start"), (missing, f"without {METRICS} (crashed or still running)"),
+                        (unlaunched, "planned but never launched (no job folder)")):
+        if items:
+            listed = "\n".join(f"  {p}" for p in items)
+            print(f"warning: {len(items)} job(s) {what}:\n{listed}", file=sys.stderr)
     if all_metrics:
         chosen = list(metric_keys)
     elif metrics is None:
@@ -411,6 +470,8 @@ def write_report(
     written = {"csv": out / "results.csv", "md": out / "results.md"}
     summary.to_csv(written["csv"], index=False)
     header = f"Sweep `{root}`: {len(df)} job(s) read, {len(missing)} missing."
+    if failed or unlaunched:
+        header += f" Not run: {len(failed)} refused, {len(unlaunched)} never launched (listed on stderr)."
     written["md"].write_text(to_markdown(summary, chosen, header))
     if plots:
         numeric = [k for k in keys if is_numeric_key(df, k)]
