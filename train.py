@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
         failed = storage_error(e)
         if failed is None:
             raise
-        return refuse(cfg.paths.output_dir, failed, keep_output=True)
+        return refuse(cfg.paths.output_dir, failed, keep_output=bool(cfg.get("resume")))
     return metrics.get("val/rsum")
 
 

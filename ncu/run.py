@@ -17,14 +17,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ncu import resume
 from ncu.callbacks import DashboardImages
 from ncu.config import ConfigError, plan_stages, validate
-from ncu.errors import CheckpointError, DivergedError
+from ncu.errors import CheckpointError, DivergedError, StorageError
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
-from ncu.files import atomic_path
+from ncu.files import atomic_path, storage_error
 from ncu.lit_module import CLIPUnlearner, lr_key, non_finite_parameters
 from ncu.models import factory
 
@@ -246,6 +247,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 load_stage_weights(module, run.checkpoint(index - 1), cfg.trust_checkpoints)
             run_stage(run, index, name, stage)
         finish(run)
+    except SIGTERMException:
+        # Lightning stops the fit on SIGTERM with a SystemExit of status 0; a scheduler (SLURM's requeue)
+        # must see an interrupted run. The epoch checkpoints and progress.json stay for resume=auto.
+        log.error("stopped by SIGTERM during stage %r: resume=auto continues from its last epoch checkpoint",
+                  run.module.stage_name)
+        raise SystemExit(143) from None
     finally:
         finish_wandb()
     return run.metrics, {"module": module, "datamodule": dm, "trainer": run.trainer, "run_dir": run_dir}
@@ -289,7 +296,10 @@ def run_stage(run: Run, index: int, name: str, stage: dict) -> None:
     else:
         fit_stage(run, index, name, stage)
         if cache is not None:
-            copy_atomic(run.checkpoint(index), cache)
+            try:
+                copy_atomic(run.checkpoint(index), cache)
+            except (OSError, StorageError) as e:  # the cache only saves later runs a pre-training
+                log.warning("pre-training cache not written, the run goes on: %s", storage_error(e, cache) or e)
     if name == "pretrain":
         run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))
     run.stage_done(name)
