@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ncu.errors import StorageError
 
+# The run folder's lock (ncu.cli.RunFolderLock): part of a run folder's start record, like .hydra/.
+LOCK_FILE = ".run.lock"
 # The write failures that are about the disk or folder, not the program: reported in one line.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # What torch.save's zip writer raises (a RuntimeError) when the disk fills under it.
@@ -70,12 +72,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def discard_unused_output(folder: str | os.PathLike, levels: int = 3) -> None:
-    """Remove a run folder that holds nothing but Hydra's record of the start (``.hydra/``, ``*.log``), then
+    """Remove a run folder that holds nothing but Hydra's record of the start (``.hydra/``, ``*.log``, the run
+    folder lock of ``ncu.cli``), then
     the parents left empty (up to ``levels``): a command refused at start leaves no folder behind."""
     import shutil
 
     folder = Path(folder)
-    if not folder.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+    if not folder.is_dir() or any(p.name not in (".hydra", LOCK_FILE) and p.suffix != ".log"
+                                  for p in folder.iterdir()):
         return
     shutil.rmtree(folder, ignore_errors=True)
     for parent in list(folder.parents)[:levels]:

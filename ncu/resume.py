@@ -16,6 +16,7 @@ RUN_CONFIG = "run_config.json"
 # Keys that change how a run executes or reports, not its numbers: a resume may change them.
 FREE_KEYS = ("resume", "logger", "paths", "hydra", "callbacks", "print_table", "task_name", "experiment_name",
              "tags", "trust_checkpoints", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator",
+             "trainer.default_root_dir",
              "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.enable_model_summary",
              "data.num_workers", "data.eval_batch_size", "data.index_cache", "data.cache_dir")
 
@@ -51,7 +52,7 @@ def read_progress(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"resume=auto: {path} is unreadable; remove it to start the run again") from None
 
 
-def _resolved(cfg: DictConfig) -> dict:
+def resolved(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
 
 
@@ -61,12 +62,16 @@ def check(cfg: DictConfig, run_dir: Path) -> None:
     saved_path = run_dir / RUN_CONFIG
     if cfg.get("resume") != "auto" or not saved_path.exists():
         return
-    changed = changed_keys(json.loads(saved_path.read_text()), _resolved(cfg))
+    changed = changed_keys(json.loads(saved_path.read_text()), resolved(cfg))
     if changed:
-        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-        verb = "differs" if len(changed) == 1 else "differ"
-        raise ConfigError(f"resume=auto: {run_dir} was made with another config ({shown} {verb}); "
+        raise ConfigError(f"resume=auto: {run_dir} was made with another config ({shown(changed)}); "
                           "resume with the same values or start a new run folder")
+
+
+def shown(changed: list[str]) -> str:
+    """``"a, b differ"``: the first changed keys, for a refusal."""
+    text = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    return f"{text} {'differs' if len(changed) == 1 else 'differ'}"
 
 
 def start(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -84,4 +89,4 @@ def start(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def record(cfg: DictConfig, run_dir: Path) -> None:
     """Keep the run's resolved config in its folder (written once the run is built), for a later resume."""
     with atomic_path(run_dir / RUN_CONFIG) as tmp:
-        tmp.write_text(json.dumps(_resolved(cfg), indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(resolved(cfg), indent=2, sort_keys=True))

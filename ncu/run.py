@@ -244,7 +244,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if index < n_done:
                 continue
             if index and index == n_done:  # resuming after a finished stage: start from its weights
-                load_stage_weights(module, run.checkpoint(index - 1), cfg.trust_checkpoints)
+                load_stage_weights(run, index - 1)
             run_stage(run, index, name, stage)
         finish(run)
     except SIGTERMException:
@@ -310,7 +310,7 @@ def fit_stage(run: Run, index: int, name: str, stage: dict) -> None:
     epoch's train/* and val/*, the stage-end metrics and the stage checkpoint."""
     trainer = run.trainer
     trusted = run.cfg.trust_checkpoints
-    resume_from = mid_stage_checkpoint(run.run_dir, index, trusted) if run.cfg.get("resume") == "auto" else None
+    resume_from = mid_stage_checkpoint(run, index) if run.cfg.get("resume") == "auto" else None
     log.info("stage %d/%d: %s (%s, %d epochs)%s", index + 1, len(run.plan), name, stage["objective"],
              stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
     trainer.fit(run.module, datamodule=run.dm, ckpt_path=resume_from, weights_only=not trusted)
@@ -337,7 +337,7 @@ def finish(run: Run) -> None:
     numbers and write metrics.json."""
     if run.trainer is None:
         last = len(run.plan) - 1
-        load_stage_weights(run.module, run.checkpoint(last), run.cfg.trust_checkpoints)
+        load_stage_weights(run, last)
         run.trainer = build_trainer(run.cfg, run.plan[last][1], [], run.run_dir, last, run.plan[last][0], run.step)
     metrics = run.metrics
     metrics.update(run.progress["fit_metrics"])
@@ -356,14 +356,36 @@ def stage_seed(seed: int, stage: str) -> int:
     return seed + int(hashlib.sha1(stage.encode()).hexdigest()[:6], 16) % 100_000
 
 
-def load_stage_weights(module: CLIPUnlearner, path: Path, trusted: bool = False) -> None:
-    """Weights of a finished stage. A pre-training checkpoint may come from a run of another method (the
-    shared cache), so it may lack this method's negation prompt: that alone is allowed to be missing."""
-    ckpt = factory.read_checkpoint(path, trusted)
+def load_stage_weights(run: Run, index: int) -> None:
+    """Weights of a finished stage of this run. A pre-training checkpoint may come from a run of another method
+    (the shared cache), so it may lack this method's negation prompt: that alone is allowed to be missing."""
+    path, module = run.checkpoint(index), run.module
+    ckpt = factory.read_checkpoint(path, run.cfg.trust_checkpoints)
+    check_checkpoint_config(run, index, ckpt, path)
     factory.check_state_dict(module, ckpt["state_dict"], path, module.hparams["config"].get("model", {}).get("name"),
                              factory.trained_model_name(ckpt), optional=("prompt.",))
     module.load_state_dict(ckpt["state_dict"], strict=False)
     module.restore_history(ckpt)
+
+
+def check_checkpoint_config(run: Run, index: int, ckpt: dict, path: Path) -> None:
+    """A resume continues only from checkpoints written with this run's config (a folder another config also
+    wrote into holds others): the whole config apart from ``resume.FREE_KEYS`` (paths may differ: a moved
+    folder resumes); for a pre-training, which may come from the shared cache, its recipe (``pretrain_spec``)."""
+    saved = (ckpt.get("hyper_parameters") or {}).get("config")
+    if not isinstance(saved, dict) or not saved:
+        log.warning("resume=auto: %s records no config (an older version): not compared with this run's", path)
+        return
+    name, stage = run.plan[index]
+    if name == "pretrain":
+        theirs = dict(plan_stages(OmegaConf.create(saved))).get("pretrain")
+        changed = (resume.changed_keys(pretrain_spec(OmegaConf.create(saved), theirs), pretrain_spec(run.cfg, stage))
+                   if theirs is not None else ["pretrain"])
+    else:
+        changed = resume.changed_keys(saved, resume.resolved(run.cfg))
+    if changed:
+        raise ConfigError(f"resume=auto: {path} was written with another config ({resume.shown(changed)}); "
+                          "resume with that config or start a new run folder")
 
 
 def load_cached_pretrain(module: CLIPUnlearner, cache: Path, trusted: bool = False) -> bool:
@@ -388,13 +410,17 @@ def load_cached_pretrain(module: CLIPUnlearner, cache: Path, trusted: bool = Fal
     return True
 
 
-def mid_stage_checkpoint(run_dir: Path, index: int, trusted: bool = False) -> str | None:
-    """``last.ckpt`` when it was written during stage ``index`` (an interrupted stage), else None."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+def mid_stage_checkpoint(run: Run, index: int) -> str | None:
+    """``last.ckpt`` when it was written during stage ``index`` (an interrupted stage) by this config, else
+    None."""
+    last = run.run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
-    ckpt = factory.read_checkpoint(last, trusted)
-    return str(last) if ckpt.get("ncu_stage_index") == index else None
+    ckpt = factory.read_checkpoint(last, run.cfg.trust_checkpoints)
+    if ckpt.get("ncu_stage_index") != index:
+        return None
+    check_checkpoint_config(run, index, ckpt, last)
+    return str(last)
 
 
 def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | None:
@@ -405,9 +431,19 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | No
     which embedded sources were present (TuxPaint is optional), as the noise artifacts are keyed."""
     if not cfg.pretrain.get("cache", True):
         return None
+    spec = {**pretrain_spec(cfg, stage), "dataset": dataset}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    n = cfg.noise
+    name = f"{cfg.model.name}_{dataset}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
+    return Path(cfg.paths.pretrain_dir) / name
+
+
+def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
+    """What a pre-training's result depends on (model, data, noise, the stage's recipe, seed, optimiser,
+    trainer numerics): the key of the shared cache, and what a resume compares for a pre-training."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"}
     spec = {
-        "model": cfg.model, "data": data, "dataset": dataset, "noise": cfg.noise, "stage": stage,
+        "model": cfg.model, "data": data, "noise": cfg.noise, "stage": stage,
         "seed": cfg.seed,
         # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum
         "history_momentum": OmegaConf.select(cfg, "method.detection.momentum", default=0.9),
@@ -415,11 +451,7 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | No
         "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
                                                   "gradient_clip_val")},
     }
-    spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    n = cfg.noise
-    name = f"{cfg.model.name}_{dataset}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
-    return Path(cfg.paths.pretrain_dir) / name
+    return OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
