@@ -73,6 +73,7 @@ def test_a_cached_pretraining_with_non_finite_weights_is_pre_trained_again(small
     assert "non-finite weights" in caplog.text
 
 
+@pytest.mark.slow  # a train.py / evaluate.py subprocess
 def test_a_diverged_pretraining_exits_with_one_line_and_caches_nothing(tmp_path):
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
     out = subprocess.run([sys.executable, "train.py", *FAST, "pretrain.stage.lr=1e5", f"hydra.run.dir={run_dir}",

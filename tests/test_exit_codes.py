@@ -41,6 +41,7 @@ def test_read_only_or_forbidden_folders_are_storage_errors(tmp_path, code):
     assert storage_error(OSError(errno.EINVAL, "bad")) is None
 
 
+@pytest.mark.slow  # a train.py / evaluate.py subprocess
 def test_an_unwritable_data_folder_exits_2_with_one_line(tmp_path):
     # /sys refuses new folders even to root (a read-only folder of a normal disk would not stop root)
     out = subprocess.run([sys.executable, "train.py", *FAST, "paths.data_dir=/sys/ncu_data",

@@ -68,6 +68,7 @@ def test_unsafe_payload_in_the_pretraining_cache_is_not_run_and_pretraining_runs
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a train.py / evaluate.py subprocess
 def test_unsafe_last_ckpt_is_refused_by_resume_auto(tmp_path):
     """train.py resume=auto on a run folder whose last.ckpt carries a payload: exit 2, one line, not run."""
     marker = tmp_path / "marker"
@@ -84,6 +85,7 @@ def test_unsafe_last_ckpt_is_refused_by_resume_auto(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a train.py / evaluate.py subprocess
 def test_unsafe_checkpoint_given_to_evaluate_py_is_refused(tmp_path):
     marker = tmp_path / "marker"
     ckpt = write_payload_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", marker)
