@@ -274,16 +274,18 @@ class PairDataModule(L.LightningDataModule):
         log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
                  "reused" if reused else "created", self.noise_artifact.realised_rate)
 
-    def _check_split_sizes(self, parts: dict[str, pd.DataFrame], source: str) -> None:
+    def _check_split_sizes(self, parts: dict[str, pd.DataFrame], source: str, skipped: int = 0) -> None:
         """Refuse, before any noise artifact or model work, a training split smaller than one batch and an
-        evaluation split with fewer than two pairs (retrieval ranks a pair against the others)."""
+        evaluation split with fewer than two pairs (retrieval ranks a pair against the others); checked again
+        once unreadable images are dropped (``skipped``: the pairs they took with them)."""
         sizes = {name: len(part) for name, part in parts.items()}
+        lost = f", after dropping {skipped} pairs whose images are unreadable" if skipped else ""
         if sizes["train"] < self.batch_size:
-            raise DataError(f"{source}: the training split has {sizes['train']} pairs, fewer than one batch "
+            raise DataError(f"{source}: the training split has {sizes['train']} pairs{lost}, fewer than one batch "
                             f"(data.batch_size={self.batch_size}); split sizes {sizes}")
         small = [name for name in ("val", "test") if sizes[name] < 2]
         if small:
-            raise DataError(f"{source}: the {' and '.join(small)} split has fewer than 2 pairs ({sizes}); "
+            raise DataError(f"{source}: the {' and '.join(small)} split has fewer than 2 pairs{lost} ({sizes}); "
                             "more data, or larger evaluation splits (data.val_frac / data.test_frac)")
 
     def setup(self, stage: str | None = None) -> None:
@@ -314,6 +316,8 @@ class PairDataModule(L.LightningDataModule):
             else:
                 ds = PairDataset(part, self.preprocess_val, self.tokenizer, max_side=max_side)
             self.datasets[name] = ds
+        self._check_split_sizes({name: self.datasets[name].frame for name in parts}, f"data.source={self.source!r}",
+                                skipped=sum(self.datasets[name].skipped for name in parts))
         self.classnames = sorted(frame.loc[split != "zeroshot", "category"].unique().tolist())
 
     def _setup_shards(self) -> None:
