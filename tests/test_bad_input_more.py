@@ -43,3 +43,46 @@ def test_16_bit_images_are_scaled_from_their_range_not_clipped_to_white(tmp_path
     want = np.rint(ramp.astype(float) / 257.0).astype(int)
     assert np.abs(got - want).max() <= 1  # convert("RGB") alone gives 255 for every pixel above 255
     assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) == 64
+
+
+@pytest.mark.parametrize("layout", ["empty", "class_without_images", "no_images_at_all"])
+def test_a_bad_image_folder_is_one_error_before_the_model_loads(tmp_path, monkeypatch, layout):
+    from conftest import compose_cfg
+    from ncu.config import ConfigError
+    from ncu.eval import suite
+
+    folder = tmp_path / "classes"
+    folder.mkdir()
+    if layout != "empty":
+        (folder / "cat").mkdir()
+        (folder / "cat" / "notes.txt").write_text("not an image")
+    if layout == "class_without_images":
+        (folder / "dog").mkdir()
+        Image.new("RGB", (8, 8)).save(folder / "dog" / "a.png")
+    monkeypatch.setattr(suite, "create_bundle", lambda *a: pytest.fail("model loaded before the check"))
+    cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=zeroshot_folder",
+                       f"benchmark.tasks.zeroshot.data={folder}"], config_name="evaluate", tmp_path=tmp_path)
+    want = (r"has no class sub-folders" if layout == "empty"
+            else r"1 of \d class folders hold no image with an extension in .*\['cat'\]")
+    with pytest.raises(ConfigError, match=rf"^benchmark\.tasks\.zeroshot: {folder}.*{want}"):
+        suite.evaluate(cfg)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.slow  # an evaluate.py subprocess
+def test_evaluate_py_on_an_empty_image_folder_exits_2_and_leaves_no_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    out = subprocess.run([sys.executable, "evaluate.py", "ckpt_path=pretrained", "model=micro",
+                          "benchmark=zeroshot_folder", f"benchmark.tasks.zeroshot.data={folder}",
+                          f"hydra.run.dir={tmp_path / 'eval' / 'x'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{folder} has no class sub-folders" in lines[0], lines
+    assert not (tmp_path / "eval").exists()

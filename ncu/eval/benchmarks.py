@@ -130,22 +130,31 @@ class ImageFolderClassification(ClassificationDataset):
     """``root/<class name>/<image>``: one class per sub-folder (sorted by name), images sorted inside."""
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        classnames = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not classnames:
-            raise ValueError(f"{root} has no class sub-folders")
-        exts = tuple(e.lower() for e in extensions)
-        samples = [
-            (str(path), label)
-            for label, name in enumerate(classnames)
-            for path in sorted((root / name).iterdir())
-            if path.is_file() and path.suffix.lower() in exts
-        ]
-        if not samples:
-            raise ValueError(f"no images with extensions {exts} under {root}")
-        super().__init__(samples, classnames)
+        classes = image_folder_classes(root, extensions)
+        samples = [(path, label) for label, paths in enumerate(classes.values()) for path in paths]
+        super().__init__(samples, list(classes))
+
+
+def image_folder_classes(root: str | os.PathLike,
+                         extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, list[str]]:
+    """``{class name: its image files}`` of ``root/<class name>/<image>`` (classes and files sorted by name);
+    ``DataError`` naming the folder when it has no class sub-folder or a class sub-folder holds no image (a
+    class the data cannot score). Reads the folder listing only."""
+    from ncu.errors import DataError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    classes = {p.name: sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in exts)
+               for p in sorted(root.iterdir(), key=lambda p: p.name) if p.is_dir()}
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (an image folder holds one folder of images per class)")
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise DataError(f"{root}: {len(empty)} of {len(classes)} class folders hold no image with an extension in "
+                        f"{', '.join(exts)}, e.g. {empty[:3]}")
+    return classes
 
 
 class CsvClassification(ClassificationDataset):

@@ -153,7 +153,7 @@ def check_task_tables(name: str, task: dict) -> None:
     """Header rows of a task's CSVs and its class-names file, read before any model is loaded, so a wrong
     column or key is one error naming the task instead of a traceback after encoding."""
     from ncu.data.sources import require_columns
-    from ncu.eval.benchmarks import load_classnames_templates
+    from ncu.eval.benchmarks import image_folder_classes, load_classnames_templates
 
     kind, hint = task["kind"], f"set benchmark.tasks.{name}.sep"
     if kind == "retrieval_csv":
@@ -165,9 +165,11 @@ def check_task_tables(name: str, task: dict) -> None:
         for key, columns in tables.items():
             if task.get(key) is not None and Path(task[key]).is_file():
                 require_columns(task[key], task.get("sep"), columns, sep_hint=hint)
+            elif task.get(key) is not None and Path(task[key]).is_dir():
+                image_folder_classes(task[key])  # an empty folder or class folder: refused before the model
         if task.get("classnames") not in (None, "imagenet"):
             load_classnames_templates(task["classnames"])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:  # DataError is a ValueError too
         raise ConfigError(f"benchmark.tasks.{name}: {e.args[0] if e.args else e}") from e
 
 
