@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
+import logging
 import math
 import os
 import tempfile
@@ -12,11 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAGGED_CAPTIONS, HN_CAPACITIES, NEGATION_HEADS, NEGATION_MODES,
-                         NOISE_PROTOCOLS, OBJECTIVES)
+from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAG_OBJECTIVES, FLAGGED_CAPTIONS,
+                         HN_CAPACITIES, NEGATION_HEADS, NEGATION_MODES, NOISE_PROTOCOLS, OBJECTIVES)
 from ncu.errors import ConfigError, InputError  # noqa: F401 - the entry points import them from here
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+log = logging.getLogger(__name__)
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train",
@@ -125,6 +128,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("the run has no stage: method.stages is empty and pre-training is off")
     for name, stage in plan:
         _validate_stage(name, stage)
+    _warn_empty_quota(cfg, plan)
+
+
+def _warn_empty_quota(cfg: DictConfig, plan: list[tuple[str, dict]]) -> None:
+    """The per-batch quota flags k = floor(nc_ratio * batch) pairs (``select_nc``, same slack): warn when that
+    is 0 for a stage that acts on the flags, which then flags nothing."""
+    method = cfg.method
+    if method.get("detector", "batch") != "batch":
+        return
+    acting = [name for name, stage in plan if stage["objective"] in FLAG_OBJECTIVES]
+    ratio, batch = method.get("nc_ratio", 0.0), cfg.data.batch_size
+    if acting and math.floor(ratio * batch + 1e-9) == 0:
+        _warn_once(f"method.nc_ratio={ratio:g} with data.batch_size={batch} flags k = floor({ratio:g} x {batch}) = "
+                   f"0 pairs per batch: stages {', '.join(acting)} flag nothing")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Entry points and ``run.train`` both validate: say it once per process."""
+    log.warning(message)
 
 
 def _validate_noise(cfg: DictConfig) -> None:

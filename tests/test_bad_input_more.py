@@ -86,3 +86,20 @@ def test_evaluate_py_on_an_empty_image_folder_exits_2_and_leaves_no_folder(tmp_p
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{folder} has no class sub-folders" in lines[0], lines
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_quota_that_flags_nothing_is_warned_at_start(caplog):
+    from conftest import compose_cfg
+    from ncu.config import validate
+
+    from ncu.config import _warn_once
+
+    _warn_once.cache_clear()
+    validate(compose_cfg(["method=filter", "method.nc_ratio=0.001", "data.batch_size=128"]))
+    assert "method.nc_ratio=0.001 with data.batch_size=128 flags k = floor(0.001 x 128) = 0" in caplog.text
+    assert "finetune flag nothing" in caplog.text
+    caplog.clear()
+    validate(compose_cfg(["method=filter", "method.nc_ratio=0.01", "data.batch_size=128"]))  # k = 1
+    validate(compose_cfg(["method=clip", "method.nc_ratio=0.001"]))  # clip does not act on flags
+    validate(compose_cfg(["method=filter", "method.nc_ratio=0.001", "method.detector=oracle"]))
+    assert "flags k" not in caplog.text

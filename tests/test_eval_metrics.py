@@ -308,3 +308,24 @@ def test_meter_over_two_updates_equals_one_shot() -> None:
     got = ranking_only.compute()
     assert set(got) == {"auroc", "auprc", "f1_best"}
     assert got["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+
+
+def test_flag_metrics_without_noisy_or_flagged_pairs_are_undefined_not_zero():
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.7])
+    clean = torch.zeros(4, dtype=torch.bool)
+    flagged = torch.tensor([False, False, True, False])
+    out = detection_metrics(scores, clean, flagged)  # noise rate 0: recall and F1 have no denominator
+    assert math.isnan(out["recall"]) and math.isnan(out["f1"]) and out["precision"] == 0.0
+    meter = NCDetectionMeter()
+    meter.update(scores, clean, flagged)
+    got = meter.compute()
+    assert math.isnan(got["recall"]) and math.isnan(got["f1"]) and got["precision"] == 0.0
+    noisy = torch.tensor([False, False, True, False])
+    nothing = torch.zeros(4, dtype=torch.bool)  # a quota of k = 0: precision has no denominator
+    out = detection_metrics(scores, noisy, nothing)
+    assert math.isnan(out["precision"]) and out["recall"] == 0.0 and out["f1"] == 0.0
+    meter.reset()
+    meter.update(scores, noisy, nothing)
+    assert math.isnan(meter.compute()["precision"])
+    out = detection_metrics(scores, noisy, noisy)
+    assert out["precision"] == out["recall"] == out["f1"] == 1.0

@@ -9,8 +9,9 @@ as is. It is exact for scores of moderate magnitude (|score| below ~35, beyond w
 that cuts these scores could reach, so a detector's own F1 below it is the cut's fault and the rest the
 score's.
 
-Undefined cases: AUROC is ``nan`` when the labels hold a single class; AUPRC is ``nan`` when there is no
-noisy pair (recall has no denominator); with only noisy pairs AUPRC is 1.
+Undefined cases: AUROC is ``nan`` when the labels hold a single class; AUPRC, ``f1_best``, recall and F1 are
+``nan`` when there is no noisy pair (recall has no denominator: a clean split, noise rate 0); precision is
+``nan`` when nothing is flagged; with only noisy pairs AUPRC is 1. Callers leave ``nan`` metrics out.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def detection_metrics(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None =
         flagged: optional (N,) bool mask of the pairs a method flagged as noisy.
 
     Returns:
-        ``auroc``, ``auprc`` and ``f1_best``; plus ``precision``, ``recall`` and ``f1`` of the flags (noisy = positive,
-        0 where a denominator is zero) when ``flagged`` is given. Values are floats in [0, 1].
+        ``auroc``, ``auprc`` and ``f1_best``; plus ``precision``, ``recall`` and ``f1`` of the flags (noisy = positive)
+        when ``flagged`` is given. Values are floats in [0, 1], ``nan`` where undefined (module docstring).
     """
     _check(scores, is_noisy, flagged)
     target = is_noisy.detach().flatten().long()
@@ -76,10 +77,18 @@ def detection_metrics(scores: Tensor, is_noisy: Tensor, flagged: Tensor | None =
     out["f1_best"] = _best_f1(*binary_precision_recall_curve(preds, target)[:2]) if num_pos > 0 else float("nan")
     if flagged is not None:
         flags = flagged.detach().flatten().long().to(target.device)
-        out["precision"] = float(binary_precision(flags, target))
-        out["recall"] = float(binary_recall(flags, target))
-        out["f1"] = float(binary_f1_score(flags, target))
+        out |= _defined({"precision": float(binary_precision(flags, target)),
+                         "recall": float(binary_recall(flags, target)),
+                         "f1": float(binary_f1_score(flags, target))}, num_pos, int(flags.sum()))
     return out
+
+
+def _defined(flag_metrics: dict[str, float], num_pos: int, num_flagged: int) -> dict[str, float]:
+    """Flag metrics with ``nan`` where undefined (torchmetrics gives 0): recall and F1 without a noisy pair,
+    precision without a flagged one."""
+    nan = float("nan")
+    return {**flag_metrics, **({"recall": nan, "f1": nan} if num_pos == 0 else {}),
+            **({"precision": nan} if num_flagged == 0 else {})}
 
 
 class NCDetectionMeter(torch.nn.Module):
@@ -100,6 +109,7 @@ class NCDetectionMeter(torch.nn.Module):
         # Class counts decide whether AUROC/AUPRC are defined.
         self.num_pos = SumMetric()
         self.num_total = SumMetric()
+        self.num_flagged = SumMetric()
 
     def update(self, scores: Tensor, is_noisy: Tensor, flagged: Tensor | None = None) -> None:
         _check(scores, is_noisy, flagged)
@@ -109,7 +119,9 @@ class NCDetectionMeter(torch.nn.Module):
         target = is_noisy.detach().flatten().long().to(device)
         self.ranking.update(_noisiness(scores).to(device), target)
         if self.with_flags:
-            self.flags.update(flagged.detach().flatten().long().to(device), target)
+            flags = flagged.detach().flatten().long().to(device)
+            self.flags.update(flags, target)
+            self.num_flagged.update(flags.sum().double())
         self.num_pos.update(target.sum().double())
         self.num_total.update(torch.tensor(float(target.numel()), dtype=torch.float64, device=device))
 
@@ -124,7 +136,8 @@ class NCDetectionMeter(torch.nn.Module):
         out["auprc"] = float(self.ranking["auprc"].compute()) if num_pos > 0 else float("nan")
         out["f1_best"] = _best_f1(*self.ranking["curve"].compute()[:2]) if num_pos > 0 else float("nan")
         if self.with_flags:
-            out |= {name: float(value) for name, value in self.flags.compute().items()}
+            out |= _defined({name: float(value) for name, value in self.flags.compute().items()}, num_pos,
+                            int(self.num_flagged.compute()))
         return out
 
     def reset(self) -> None:
@@ -132,3 +145,4 @@ class NCDetectionMeter(torch.nn.Module):
         self.flags.reset()
         self.num_pos.reset()
         self.num_total.reset()
+        self.num_flagged.reset()

@@ -368,9 +368,10 @@ def task_detection(name: str, task: dict, ctx: Context) -> dict[str, float]:
         flagged = select_nc(scores, ratio)
     else:
         raise ConfigError(f"benchmark.tasks.{name}.scope={scope!r} is unknown; choose batch or full")
-    out = detection_metrics(scores, noisy, flagged)
+    measured = detection_metrics(scores, noisy, flagged)
+    out = {k: v for k, v in measured.items() if not math.isnan(v)}  # undefined ones (noise rate 0) left out
     within = f"batches of {batch_size}" if scope == "batch" else "the full split"
-    title = f"NC scores within {within}: AUROC {out['auroc']:.3f}"
+    title = f"NC scores within {within}: AUROC {measured['auroc']:.3f}"
     score_histogram(scores, noisy, ctx.out_dir / f"{name}_scores.png", title=title)
     np.savez(ctx.out_dir / f"{name}_scores.npz", scores=scores.numpy(), noisy=noisy.numpy(),
              flagged=flagged.numpy())
