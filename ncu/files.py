@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,11 +72,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def temporary_prefix(name: str) -> str:
+    """Prefix of a temporary file or folder for ``name`` that says which host and process made it, so that
+    :func:`remove_stale_temporaries` can tell a killed writer's leftovers from a live writer's work."""
+    return f".{name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def remove_stale_temporaries(parent: str | os.PathLike, name: str) -> list[Path]:
+    """Remove the temporaries of ``name`` in ``parent`` left by processes of this host that no longer run (a
+    kill during a generation); those of live processes and of other hosts (a shared disk) stay."""
+    removed = []
+    host = socket.gethostname()
+    for path in Path(parent).glob(f".{name}.{host}.*.*"):
+        pid = path.name[len(f".{name}.{host}."):].split(".", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def discard_unused_output(folder: str | os.PathLike, levels: int = 3) -> None:
     """Remove a run folder that holds nothing but Hydra's record of the start (``.hydra/``, ``*.log``, the run
-    folder lock of ``ncu.cli``), then
-    the parents left empty (up to ``levels``): a command refused at start leaves no folder behind."""
-    import shutil
+    folder lock of ``ncu.cli``), then the parents left empty (up to ``levels``): a command refused at start
+    leaves no folder behind."""
 
     folder = Path(folder)
     if not folder.is_dir() or any(p.name not in (".hydra", LOCK_FILE) and p.suffix != ".log"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -66,3 +67,21 @@ def test_generation_parameters_key_the_cache_and_are_checked():
         params_of({"n_train": 0})
     with pytest.raises(ValueError, match="prefix_prob"):
         params_of({"prefix_prob": 2})
+
+
+def test_a_killed_generation_leaves_no_partial_folder_behind(tmp_path):
+    import socket
+    import subprocess
+
+    folder = f"scenes-{scene_key(params_of(SMALL))}"
+    host = socket.gethostname()
+    dead_pid = subprocess.Popen(["true"])  # a process that has exited: its pid is free
+    dead_pid.wait()
+    stale = tmp_path / f".{folder}.{host}.{dead_pid.pid}.abc123"
+    live = tmp_path / f".{folder}.{host}.{os.getpid()}.def456"  # a generation still running
+    elsewhere = tmp_path / f".{folder}.other-host.{dead_pid.pid}.ghi789"  # another node of a shared disk
+    for path in (stale, live, elsewhere):
+        (path / "images").mkdir(parents=True)
+    scene_pairs(SMALL, tmp_path)
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert (tmp_path / folder / "pairs.csv").exists()

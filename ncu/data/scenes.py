@@ -25,6 +25,7 @@ import pandas as pd
 from PIL import Image
 
 from ncu.data.embedded import twemoji_pairs, unit_hash
+from ncu.files import remove_stale_temporaries, temporary_prefix
 
 GENERATOR_VERSION = 1
 PREFIXES = ("an icon of ", "a picture of ", "a drawing of ")
@@ -148,7 +149,8 @@ def scene_pairs(cfg: dict, cache_dir: str | os.PathLike) -> pd.DataFrame:
     folder = Path(cache_dir) / f"scenes-{scene_key(params)}"
     if not (folder / "pairs.csv").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        remove_stale_temporaries(folder.parent, folder.name)  # partial folders of killed generations
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), dir=folder.parent))
         try:
             generate(params, tmp)
             try:
