@@ -83,6 +83,98 @@ def unset_keys(cfg: DictConfig) -> list[str]:
     return sorted(out)
 
 
+# Sections a `+key=value` may extend with keys no config file defines: Lightning Trainer and logger kwargs,
+# Hydra's own settings, callbacks, new benchmark tasks, new stages (``*`` = any stage name). Every other added
+# key must be one some file under conf/ defines (in any option of its group), else it is a typo.
+OPEN_SECTIONS = ("hydra", "trainer", "logger", "callbacks", "benchmark.tasks", "method.stages")
+# Run keys of evaluate.py (merged on top of the run's config): checked as the run keys they name.
+RUN_KEY_PREFIXES = ("run_overrides.", "run_defaults.")
+
+
+def _flat_keys(tree: Any, prefix: str) -> set[str]:
+    if not isinstance(tree, dict):
+        return set()
+    out = set()
+    for key, value in tree.items():
+        if key == "defaults":
+            continue
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        out |= {dotted} | _flat_keys(value, dotted)
+    return out
+
+
+def _generic_stage(key: str) -> str:
+    """``method.stages.hn.lr`` -> ``method.stages.*.lr`` and ``pretrain.stage.lr`` -> ``method.stages.*.lr``:
+    every stage takes the same settings."""
+    parts = key.split(".")
+    if parts[:2] == ["method", "stages"] and len(parts) > 2:
+        return ".".join(["method", "stages", "*", *parts[3:]])
+    if parts[:2] == ["pretrain", "stage"] and len(parts) > 2:
+        return ".".join(["method", "stages", "*", *parts[2:]])
+    if parts[:2] == ["optim", "stage_defaults"] and len(parts) > 2:
+        return ".".join(["method", "stages", "*", *parts[2:]])
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def known_keys() -> frozenset[str]:
+    """Every dotted key some YAML under conf/ defines, at the place it lands (``conf/<group>/<option>.yaml`` under
+    ``<group>.``, ``# @package _global_`` files and the primary configs at the top), stage keys generic."""
+    import yaml
+
+    keys: set[str] = set()
+    for path in CONF_DIR.rglob("*.yaml"):
+        text = path.read_text()
+        group = path.parent.relative_to(CONF_DIR).as_posix().replace("/", ".")
+        prefix = "" if group == "." or "@package _global_" in text else group
+        try:
+            keys |= _flat_keys(yaml.safe_load(text) or {}, prefix)
+        except yaml.YAMLError:
+            continue
+    return frozenset(_generic_stage(k) for k in keys)
+
+
+def unknown_added_key(key: str) -> str | None:
+    """The message for a key a ``+``/``++`` override adds that no config defines (a typo), else None."""
+    import difflib
+
+    run_key = next((key[len(p):] for p in RUN_KEY_PREFIXES if key.startswith(p)), None)
+    checked = _generic_stage(run_key if run_key is not None else key)
+    known = known_keys()
+    if checked in known:
+        return None
+    if any(checked == s or checked.startswith(s + ".") for s in OPEN_SECTIONS if s != "method.stages"):
+        return None
+    if checked.count(".") == 2 and checked.startswith("method.stages."):  # a whole new stage
+        return None
+    close = difflib.get_close_matches(checked, sorted(known), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"+{key}: no config under conf/ defines {checked}{hint}; an added key must be one a config defines "
+            f"or lie in {', '.join(OPEN_SECTIONS)} (ncu/config.py: OPEN_SECTIONS)")
+
+
+def check_added_keys() -> None:
+    """Refuse ``+key=value`` / ``++key=value`` overrides of the command line that name no known key."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    task = list(HydraConfig.get().overrides.task)
+    if not any(o.lstrip().startswith("+") for o in task):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(task):
+        if not (override.is_add() or override.is_force_add()):
+            continue
+        key = override.key_or_group
+        if (CONF_DIR / key).is_dir():  # a config group selection (+experiment=smoke)
+            continue
+        message = unknown_added_key(key)
+        if message:
+            raise ConfigError(message)
+
+
 def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """``value`` is a finite number (an integer with ``integer``) inside the given bounds, else ConfigError."""
@@ -110,6 +202,7 @@ def validate(cfg: DictConfig) -> None:
 
     Imports nothing heavy (no torch, open_clip or lightning): entry points call it first, so a typo costs
     seconds, not a model build."""
+    check_added_keys()
     missing = unset_keys(cfg)
     if missing:
         also = f" (also not set: {', '.join(missing[1:])})" if len(missing) > 1 else ""
@@ -317,6 +410,7 @@ def _validate_stage(name: str, stage: dict) -> None:
 
 def validate_eval(cfg: DictConfig) -> None:
     """evaluate.py's checks that need neither model nor data."""
+    check_added_keys()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is not set: pass ckpt_path=<run_dir>/checkpoints/last.ckpt, or "
                           "ckpt_path=pretrained model=<name> model.pretrained=<tag or file>")

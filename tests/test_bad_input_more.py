@@ -103,3 +103,50 @@ def test_a_quota_that_flags_nothing_is_warned_at_start(caplog):
     validate(compose_cfg(["method=clip", "method.nc_ratio=0.001"]))  # clip does not act on flags
     validate(compose_cfg(["method=filter", "method.nc_ratio=0.001", "method.detector=oracle"]))
     assert "flags k" not in caplog.text
+
+
+@pytest.mark.parametrize("override, named", [("+method.gamm=0.5", "did you mean method.gamma?"),
+                                             ("++data.vall_frac=0.2", "did you mean data.val_frac?"),
+                                             ("+method.stages.hn.warmpu=0.1", "did you mean method.stages.*.warmup?")])
+def test_added_keys_that_no_config_defines_are_typos(override, named):
+    from conftest import compose_cfg
+    from ncu.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=rf"^\+{override.lstrip('+').split('=')[0]}: no config under conf/ "
+                                          rf"defines .*\({named.replace('.', '[.]').replace('*', '[*]').replace('?', '[?]')}\)"):
+        validate(compose_cfg([override]))
+
+
+@pytest.mark.parametrize("override", ["++data.val_frac=0.2", "++method.stages.hn.warmup=2", "+method.stages.extra="
+                                      "{objective:clip,epochs:1,lr:1e-4}", "+trainer.detect_anomaly=false",
+                                      "++method.gamma=0.5"])
+def test_added_keys_that_a_config_defines_or_that_open_sections_take_pass(override):
+    from conftest import compose_cfg
+    from ncu.config import check_added_keys
+
+    compose_cfg([override])
+    check_added_keys()  # raises on an unknown key
+
+
+def test_evaluate_added_keys_are_checked_as_the_run_keys_they_name():
+    from ncu.config import unknown_added_key
+
+    for key in ("run_overrides.data.limit", "run_overrides.paths.noise_dir", "run_overrides.data.n_val",
+                "benchmark.tasks.cifar10"):
+        assert unknown_added_key(key) is None, key
+    assert "did you mean data.limit?" in unknown_added_key("run_overrides.data.limt")
+
+
+@pytest.mark.slow  # a train.py subprocess
+def test_train_py_refuses_an_added_typo_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "train.py", "+method.gamm=0.5", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "+method.gamm" in lines[0] and "did you mean method.gamma?" in lines[0], lines
+    assert not (tmp_path / "run").exists()
