@@ -14,3 +14,8 @@ NEGATION_MODES = ("none", "prompt", "template")
 FLAGGED_CAPTIONS = ("target", "negative", "drop")
 HN_CAPACITIES = ("uniform", "flagged")
 NOISE_PROTOCOLS = ("none", "caption", "image", "random_replace", "semantic")
+# Sinkhorn stopping rule: the max relative row-marginal error (ours) or the L1 change of the row duals (official).
+SINKHORN_STOPS = ("marginal", "dual_l1")
+# Pairs flagged per batch: floor(rho * N) with a 1e-9 slack against float rounding (ours) or Python's
+# int(rho * N) as the official code computes it (0.29 * 100 gives 28).
+NC_COUNTS = ("floor", "truncate")

@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAG_OBJECTIVES, FLAGGED_CAPTIONS,
-                         HN_CAPACITIES, NEGATION_HEADS, NEGATION_MODES, NOISE_PROTOCOLS, OBJECTIVES)
+                         HN_CAPACITIES, NC_COUNTS, NEGATION_HEADS, NEGATION_MODES, NOISE_PROTOCOLS, OBJECTIVES,
+                         SINKHORN_STOPS)
 from ncu.errors import ConfigError, InputError  # noqa: F401 - the entry points import them from here
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -329,6 +330,7 @@ def _validate_method(cfg: DictConfig) -> None:
     method = cfg.method
     _number(method.get("nc_ratio", 0.0), "method.nc_ratio", low=0, high=1, high_open=True)
     _choice(method.get("detector", "batch"), "method.detector", DETECTORS)
+    _choice(method.get("nc_count", NC_COUNTS[0]), "method.nc_count", NC_COUNTS)
     detection = method.get("detection") or {}
     if detection.get("threshold") is not None:
         _number(detection.threshold, "method.detection.threshold", low=0, high=1, low_open=True, high_open=True)
@@ -382,6 +384,7 @@ def _validate_solver(cfg: DictConfig) -> None:
         _number(solver.max_iter, "solver.max_iter", low=1, integer=True)
     if solver.get("tol") is not None:
         _number(solver.tol, "solver.tol", low=0, low_open=True)
+    _choice(solver.get("stop", SINKHORN_STOPS[0]), "solver.stop", SINKHORN_STOPS)
     if solver.get("max_size") is not None:
         _number(solver.max_size, "solver.max_size", low=2, integer=True)
 

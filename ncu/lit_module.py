@@ -218,8 +218,8 @@ class CLIPUnlearner(L.LightningModule):
         return total / max(1, len(captions))
 
     def quota(self, scores: torch.Tensor) -> torch.Tensor:
-        """The paper's per-batch rule: the floor(nc_ratio * N) lowest scores of the batch."""
-        return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1))
+        """The paper's per-batch rule: the k = floor(nc_ratio * N) lowest scores of the batch (``nc_count``)."""
+        return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1), self.method.get("nc_count", "floor"))
 
     @property
     def detector(self) -> str:

@@ -64,17 +64,25 @@ def nc_scores(v: torch.Tensor, t: torch.Tensor, s: torch.Tensor | float) -> torc
         return torch.log_softmax(logits, dim=1).diagonal().exp()
 
 
-def select_nc(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Bool mask (N,), True for the k = floor(ratio * N) lowest scores (ties: lower index first).
+def nc_count(ratio: float, n: int, rule: str = "floor") -> int:
+    """k, the pairs flagged in a batch of ``n``: ``floor`` is floor(ratio * n) with a 1e-9 slack that keeps
+    e.g. 0.29 * 100 at 29 despite float rounding; ``truncate`` is the official code's int(ratio * n) (28)."""
+    if rule == "floor":
+        return min(int(math.floor(ratio * n + 1e-9)), n)
+    if rule == "truncate":
+        return min(int(ratio * n), n)
+    raise ValueError(f"nc_count rule {rule!r} is unknown; choose floor or truncate")
 
-    A 1e-9 slack inside the floor keeps e.g. 0.29 * 100 at 29 despite float rounding.
-    """
+
+def select_nc(scores: torch.Tensor, ratio: float, count: str = "floor") -> torch.Tensor:
+    """Bool mask (N,), True for the k = :func:`nc_count` (ratio, N, count) lowest scores (ties: lower index
+    first)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
     n = scores.numel()
-    k = min(int(math.floor(ratio * n + 1e-9)), n)
+    k = nc_count(ratio, n, count)
     order = torch.sort(scores.detach().float(), stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
     mask[order[:k]] = True
