@@ -27,22 +27,66 @@ def test_the_split_size_check_counts_the_pairs_left_after_unreadable_images(tmp_
     dm = PairDataModule(data, {"protocol": "caption", "rate": 0.2, "seed": 0}, batch_size=32,
                         noise_dir=str(tmp_path / "noise"))
     # ~56 training rows pass the first check; a third of them decode, fewer than one batch of 32
-    with pytest.raises(DataError, match=r"training split has \d+ pairs, after dropping \d+ pairs whose images are "
-                                        r"unreadable, fewer than one batch \(data\.batch_size=32\)"):
+    with pytest.raises(DataError, match=rf"^data\.path='{table}': the training split has (\d+) pairs \(\1 kept of "
+                                        r"\d+: \d+ dropped because their images are unreadable\), fewer than one "
+                                        r"batch \(data\.batch_size=32\)"):
+        dm.setup()
+    assert not dm.datasets  # a refused setup does not look done: a second call refuses again
+    with pytest.raises(DataError, match="fewer than one batch"):
         dm.setup()
 
 
-@pytest.mark.parametrize("dtype, suffix", [(np.uint16, ".png"), (np.int32, ".tif")], ids=["I;16", "I"])
-def test_16_bit_images_are_scaled_from_their_range_not_clipped_to_white(tmp_path, dtype, suffix):
+def test_shard_evaluation_splits_emptied_by_unreadable_images_are_refused(tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "shard-00000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i in range(60):
+            for name, data in ((f"{i:06d}.png", b"not an image"), (f"{i:06d}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = {"name": "wds", "source": "wds", "shards": str(shard), "val_frac": 0.2, "test_frac": 0.2, "max_side": 8}
+    dm = PairDataModule(data, {"protocol": "caption", "rate": 0.2, "seed": 0}, batch_size=2,
+                        noise_dir=str(tmp_path / "noise"))
+    with pytest.raises(DataError, match=r"^data\.shards='.*shard-00000\.tar'.*: the val and test split has fewer than "
+                                        r"2 pairs \(0 kept of \d+: \d+ dropped because their images are unreadable\)"):
+        dm.setup()
+    assert not dm.datasets
+
+
+@pytest.mark.parametrize("dtype, suffix, mode", [(np.uint16, ".png", "I;16"), (">u2", ".tif", "I;16B"),
+                                                (np.int32, ".tif", "I")], ids=["I;16", "I;16B", "I"])
+def test_16_bit_images_are_scaled_from_their_range_not_clipped_to_white(tmp_path, dtype, suffix, mode):
     ramp = np.linspace(0, 65535, 64).reshape(8, 8).astype(dtype)
     path = tmp_path / f"ramp{suffix}"
-    Image.fromarray(ramp).save(path)
+    if mode == "I;16B":
+        Image.frombytes(mode, (8, 8), ramp.tobytes()).save(path)
+    else:
+        Image.fromarray(ramp).save(path)
     with Image.open(path) as im:
-        assert im.mode in ("I;16", "I")
+        assert im.mode == mode or (mode == "I;16" and im.mode == "I")  # Pillow versions differ on 16-bit PNGs
     got = np.asarray(load_image(path))[..., 0].astype(int)
     want = np.rint(ramp.astype(float) / 257.0).astype(int)
     assert np.abs(got - want).max() <= 1  # convert("RGB") alone gives 255 for every pixel above 255
     assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) == 64
+
+
+def test_in_memory_16_bit_images_of_a_benchmark_are_scaled_too():
+    from ncu.eval.benchmarks import _open
+
+    ramp = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    got = np.asarray(_open(Image.fromarray(ramp)))[..., 0].astype(int)
+    assert np.abs(got - np.rint(ramp / 257.0)).max() <= 1 and len(np.unique(got)) == 64
+
+
+def _no_model(monkeypatch):
+    from ncu.eval import suite
+
+    monkeypatch.setattr(suite, "create_bundle", lambda *a: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(suite, "build", lambda *a: pytest.fail("run rebuilt before the check"))
+    return suite
 
 
 @pytest.mark.parametrize("layout", ["empty", "class_without_images", "no_images_at_all"])

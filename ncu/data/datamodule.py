@@ -274,18 +274,35 @@ class PairDataModule(L.LightningDataModule):
         log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
                  "reused" if reused else "created", self.noise_artifact.realised_rate)
 
-    def _check_split_sizes(self, parts: dict[str, pd.DataFrame], source: str, skipped: int = 0) -> None:
+    def _source_name(self) -> str:
+        """The data set as the user named it: its file for a CSV, its shard list for shards."""
+        if self.source == "csv":
+            return f"data.path={self.data_cfg.get('path')!r}"
+        if self.source == "wds":
+            return f"data.shards={self.data_cfg.get('shards')!r}"
+        return f"data.source={self.source!r}"
+
+    def _check_split_sizes(self, parts: dict[str, pd.DataFrame], source: str,
+                           skipped: dict[str, int] | None = None) -> None:
         """Refuse, before any noise artifact or model work, a training split smaller than one batch and an
         evaluation split with fewer than two pairs (retrieval ranks a pair against the others); checked again
-        once unreadable images are dropped (``skipped``: the pairs they took with them)."""
+        once unreadable images are dropped (``skipped``: pairs each split lost with them), because the loader
+        would otherwise fail later with a bare traceback."""
         sizes = {name: len(part) for name, part in parts.items()}
-        lost = f", after dropping {skipped} pairs whose images are unreadable" if skipped else ""
+        skipped = skipped or {}
+
+        def lost(name: str) -> str:
+            n = skipped.get(name, 0)
+            return (f" ({sizes[name]} kept of {sizes[name] + n}: {n} dropped because their images are unreadable)"
+                    if n else "")
+
         if sizes["train"] < self.batch_size:
-            raise DataError(f"{source}: the training split has {sizes['train']} pairs{lost}, fewer than one batch "
-                            f"(data.batch_size={self.batch_size}); split sizes {sizes}")
+            raise DataError(f"{source}: the training split has {sizes['train']} pairs{lost('train')}, fewer than "
+                            f"one batch (data.batch_size={self.batch_size}); split sizes {sizes}")
         small = [name for name in ("val", "test") if sizes[name] < 2]
         if small:
-            raise DataError(f"{source}: the {' and '.join(small)} split has fewer than 2 pairs{lost} ({sizes}); "
+            raise DataError(f"{source}: the {' and '.join(small)} split has fewer than 2 pairs"
+                            f"{''.join(lost(name) for name in small)} ({sizes}); "
                             "more data, or larger evaluation splits (data.val_frac / data.test_frac)")
 
     def setup(self, stage: str | None = None) -> None:
@@ -301,13 +318,11 @@ class PairDataModule(L.LightningDataModule):
         split = (frame["split"] if "split" in frame.columns
                  else frame["group"].map(lambda g: split_of(g, val_frac, test_frac)))
         max_side = self.data_cfg.get("max_side", 128)
-        if (split == "zeroshot").any():
-            zs = frame[split == "zeroshot"].reset_index(drop=True)
-            self.datasets["zeroshot"] = PairDataset(zs, self.preprocess_val, self.tokenizer, max_side=max_side)
-            self.zeroshot_classnames = sorted(zs["category"].unique().tolist())
         parts = {name: self._subsample(frame[split == name].reset_index(drop=True), name)
                  for name in ("train", "val", "test")}
-        self._check_split_sizes(parts, f"data.source={self.source!r}")
+        self._check_split_sizes(parts, self._source_name())
+        # Built aside and kept only once checked: a refused setup must not look done (setup() returns early).
+        datasets: dict[str, PairDataset] = {}
         for name, part in parts.items():
             if name == "train":
                 self._build_noise(frame, part)
@@ -315,9 +330,14 @@ class PairDataModule(L.LightningDataModule):
                                  self.noise_artifact.noisy_mask, max_side)
             else:
                 ds = PairDataset(part, self.preprocess_val, self.tokenizer, max_side=max_side)
-            self.datasets[name] = ds
-        self._check_split_sizes({name: self.datasets[name].frame for name in parts}, f"data.source={self.source!r}",
-                                skipped=sum(self.datasets[name].skipped for name in parts))
+            datasets[name] = ds
+        self._check_split_sizes({name: ds.frame for name, ds in datasets.items()}, self._source_name(),
+                                skipped={name: ds.skipped for name, ds in datasets.items()})
+        if (split == "zeroshot").any():
+            zs = frame[split == "zeroshot"].reset_index(drop=True)
+            datasets["zeroshot"] = PairDataset(zs, self.preprocess_val, self.tokenizer, max_side=max_side)
+            self.zeroshot_classnames = sorted(zs["category"].unique().tolist())
+        self.datasets = datasets
         self.classnames = sorted(frame.loc[split != "zeroshot", "category"].unique().tolist())
 
     def _setup_shards(self) -> None:
@@ -334,17 +354,19 @@ class PairDataModule(L.LightningDataModule):
         split = index["key"].map(lambda k: split_of(k, val_frac, test_frac))
         parts = {name: self._subsample(index[split == name].reset_index(drop=True), name)
                  for name in ("train", "val", "test")}
-        self._check_split_sizes(parts, f"data.shards={cfg['shards']!r} (index: {self.source_stats})")
+        source = f"{self._source_name()} (index: {self.source_stats})"
+        self._check_split_sizes(parts, source)
         train = parts["train"]
         self._build_noise(index, train)
         max_side = cfg.get("max_side", 128)
         stream = ShardPairs.from_artifact(train, self.noise_artifact, transform=self.preprocess_train,
                                           tokenizer=self.tokenizer, seed=self.seed,
                                           shuffle_buffer=cfg.get("shuffle_buffer", 0) or 0, max_side=max_side)
-        self.datasets["train"] = ShardTrainSet(stream, len(train), self.num_workers)
+        train_set = ShardTrainSet(stream, len(train), self.num_workers)
         wanted = set(parts["val"]["key"]) | set(parts["test"]["key"])
         found = read_shard_samples(shards, wanted)
         categories: set[str] = set()
+        evaluation: dict[str, PairDataset] = {}
         for name in ("val", "test"):
             part = parts[name]
             rows = [found.get(k, (str(s), None, "none")) for k, s in zip(part["key"], part["shard"])]
@@ -354,8 +376,12 @@ class PairDataModule(L.LightningDataModule):
                 "group": part["key"].astype(str)})
             ds = PairDataset(frame, self.preprocess_val, self.tokenizer, max_side=max_side,
                              blobs=[b for _, b, _ in rows])
-            self.datasets[name] = ds
+            evaluation[name] = ds
             categories.update(ds.frame["category"])
+        # The training stream's own unreadable images are only met while streaming: its size stays the index's.
+        self._check_split_sizes({"train": train, **{name: ds.frame for name, ds in evaluation.items()}}, source,
+                                skipped={name: ds.skipped for name, ds in evaluation.items()})
+        self.datasets = {"train": train_set, **evaluation}
         self.classnames = sorted(categories) or ["none"]
 
     # Saved in checkpoints: a resumed run goes on with new shard orders instead of repeating the first ones.

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from ncu.data.images import load_image
+from ncu.data.images import load_image, to_8bit
 from ncu.eval.linear_probe import stratified_split
 from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
@@ -245,7 +245,8 @@ def digits_dataset(
 
 
 def _open(image: ImageLike) -> Image.Image:
-    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(str(image))
+    # An in-memory 16-bit image is scaled like a file is (convert("RGB") alone clips it to white).
+    return to_8bit(image).convert("RGB") if isinstance(image, Image.Image) else load_image(str(image))
 
 
 def _encode_in_batches(model: torch.nn.Module, n: int, batch_size: int, encode: Callable[[int, int], Tensor],
