@@ -93,8 +93,8 @@ def _no_model(monkeypatch):
 def test_a_bad_image_folder_is_one_error_before_the_model_loads(tmp_path, monkeypatch, layout):
     from conftest import compose_cfg
     from ncu.config import ConfigError
-    from ncu.eval import suite
 
+    suite = _no_model(monkeypatch)
     folder = tmp_path / "classes"
     folder.mkdir()
     if layout != "empty":
@@ -103,14 +103,50 @@ def test_a_bad_image_folder_is_one_error_before_the_model_loads(tmp_path, monkey
     if layout == "class_without_images":
         (folder / "dog").mkdir()
         Image.new("RGB", (8, 8)).save(folder / "dog" / "a.png")
-    monkeypatch.setattr(suite, "create_bundle", lambda *a: pytest.fail("model loaded before the check"))
     cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=zeroshot_folder",
                        f"benchmark.tasks.zeroshot.data={folder}"], config_name="evaluate", tmp_path=tmp_path)
     want = (r"has no class sub-folders" if layout == "empty"
             else r"1 of \d class folders hold no image with an extension in .*\['cat'\]")
-    with pytest.raises(ConfigError, match=rf"^benchmark\.tasks\.zeroshot: {folder}.*{want}"):
+    with pytest.raises(ConfigError, match=rf"^benchmark\.tasks\.zeroshot\.data: {folder}.*{want}"):
         suite.evaluate(cfg)
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert not (tmp_path / "run").exists()  # refused before the output folder is made
+
+
+def _class_folder(root, classes):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "a.png")
+    return root
+
+
+@pytest.mark.parametrize("case", ["empty_test", "class_without_images", "different_classes", "header_only_csv"])
+def test_a_bad_linear_probe_folder_is_one_error_before_the_model_loads(tmp_path, monkeypatch, case):
+    from conftest import compose_cfg
+    from ncu.config import ConfigError
+
+    suite = _no_model(monkeypatch)
+    train = _class_folder(tmp_path / "train", ["cat", "dog"])
+    test = tmp_path / "test"
+    test.mkdir()
+    if case == "class_without_images":
+        _class_folder(test, ["cat"])
+        (test / "dog").mkdir()
+    elif case == "different_classes":
+        _class_folder(test, ["cat", "cow"])
+    elif case == "header_only_csv":
+        test = tmp_path / "test.csv"
+        test.write_text("image,label\n")
+    cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=linear_probe_folder",
+                       f"benchmark.tasks.linear_probe.train={train}", f"benchmark.tasks.linear_probe.test={test}"],
+                      config_name="evaluate", tmp_path=tmp_path)
+    want = {"empty_test": rf"\.test: {test} has no class sub-folders",
+            "class_without_images": rf"\.test: {test}: 1 of 2 class folders hold no image .*\['dog'\]",
+            "different_classes": r": the train and test folders .* have different class folders, "
+                                 r"e.g. \['cow', 'dog'\]",
+            "header_only_csv": rf"\.test={test}: the table has a header but no data rows"}[case]
+    with pytest.raises(ConfigError, match=rf"^benchmark\.tasks\.linear_probe{want}"):
+        suite.evaluate(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow  # an evaluate.py subprocess
@@ -128,7 +164,7 @@ def test_evaluate_py_on_an_empty_image_folder_exits_2_and_leaves_no_folder(tmp_p
                          timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{folder} has no class sub-folders" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"{folder} has no class sub-folders" in lines[0]
     assert not (tmp_path / "eval").exists()
 
 

@@ -309,7 +309,7 @@ def test_wrong_column_or_class_file_is_one_error_before_the_model_loads(tmp_path
     table.write_text("image,text\na.png,a cat\n")
     cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=retrieval_csv",
                        f"benchmark.tasks.retrieval.csv={table}"], config_name="evaluate", tmp_path=tmp_path)
-    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.retrieval: .*pairs\.csv: column 'filepath' "
+    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.retrieval\.csv: .*pairs\.csv: column 'filepath' "
                                           r"\(image_key\) not found; columns found: \['image', 'text'\]"):
         evaluate(cfg)
     # the same file read with the task's own separator: one column, so the hint names the task's sep key
@@ -321,7 +321,7 @@ def test_wrong_column_or_class_file_is_one_error_before_the_model_loads(tmp_path
     labels.write_text("image,class\na.png,cat\n")
     cfg = compose_cfg(["ckpt_path=pretrained", "model=micro", "benchmark=zeroshot_folder",
                        f"benchmark.tasks.zeroshot.data={labels}"], config_name="evaluate", tmp_path=tmp_path)
-    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.zeroshot: .*column 'label' \(label_key\)"):
+    with pytest.raises(ConfigError, match=r"^benchmark\.tasks\.zeroshot\.data: .*column 'label' \(label_key\)"):
         evaluate(cfg)
     names = tmp_path / "classes.yaml"
     names.write_text("classes: [cat]\n")

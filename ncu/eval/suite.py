@@ -150,8 +150,10 @@ def suite_tasks(benchmark: DictConfig) -> dict[str, dict]:
 
 
 def check_task_tables(name: str, task: dict) -> None:
-    """Header rows of a task's CSVs and its class-names file, read before any model is loaded, so a wrong
-    column or key is one error naming the task instead of a traceback after encoding."""
+    """Header rows of a task's CSVs, the listing of its image folders and its class-names file, read before
+    any model is loaded (and before the output folder gets content), so a wrong column, an empty table or
+    folder, or a class folder without images is one error naming the key instead of a traceback after
+    encoding."""
     from ncu.data.sources import require_columns
     from ncu.eval.benchmarks import image_folder_classes, load_classnames_templates
 
@@ -161,15 +163,28 @@ def check_task_tables(name: str, task: dict) -> None:
     else:
         columns = columns_of(task, CLASSIFICATION_COLUMNS)
         tables = {key: columns for key in ("data", "train", "test") if key in PATH_KEYS.get(kind, ())}
+    folders: dict[str, list[str]] = {}
+    for key, columns in tables.items():
+        path, where = task.get(key), f"benchmark.tasks.{name}.{key}"
+        try:
+            if path is not None and Path(path).is_file():
+                if not require_columns(path, task.get("sep"), columns, sep_hint=hint):
+                    raise ConfigError(f"{where}={path}: the table has a header but no data rows")
+            elif path is not None and Path(path).is_dir():
+                # An empty folder or a class folder without images: refused before the model.
+                folders[key] = list(image_folder_classes(path))
+        except (ValueError, KeyError) as e:  # DataError is a ValueError too
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {e.args[0] if e.args else e}") from e
+    if kind == "linear_probe_folder" and len(folders) == 2 and folders["train"] != folders["test"]:
+        differ = sorted(set(folders["train"]) ^ set(folders["test"]))
+        raise ConfigError(f"benchmark.tasks.{name}: the train and test folders ({task['train']}, {task['test']}) "
+                          f"have different class folders, e.g. {differ[:3]} in only one")
     try:
-        for key, columns in tables.items():
-            if task.get(key) is not None and Path(task[key]).is_file():
-                require_columns(task[key], task.get("sep"), columns, sep_hint=hint)
-            elif task.get(key) is not None and Path(task[key]).is_dir():
-                image_folder_classes(task[key])  # an empty folder or class folder: refused before the model
         if task.get("classnames") not in (None, "imagenet"):
             load_classnames_templates(task["classnames"])
-    except (ValueError, KeyError) as e:  # DataError is a ValueError too
+    except (ValueError, KeyError) as e:
         raise ConfigError(f"benchmark.tasks.{name}: {e.args[0] if e.args else e}") from e
 
 
