@@ -85,3 +85,19 @@ def test_a_killed_generation_leaves_no_partial_folder_behind(tmp_path):
     scene_pairs(SMALL, tmp_path)
     assert not stale.exists() and live.exists() and elsewhere.exists()
     assert (tmp_path / folder / "pairs.csv").exists()
+
+
+def test_a_killed_concurrent_generation_is_cleaned_up_by_a_later_use_of_the_finished_set(tmp_path):
+    import socket
+    import subprocess
+
+    scene_pairs(SMALL, tmp_path)  # the set exists: later uses do not generate
+    folder = f"scenes-{scene_key(params_of(SMALL))}"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".{folder}.{socket.gethostname()}.{dead.pid}.abc123"
+    live = tmp_path / f".{folder}.{socket.gethostname()}.{os.getpid()}.def456"
+    for path in (stale, live):
+        (path / "images").mkdir(parents=True)
+    scene_pairs(SMALL, tmp_path)
+    assert not stale.exists() and live.exists()

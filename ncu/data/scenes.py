@@ -147,9 +147,12 @@ def scene_pairs(cfg: dict, cache_dir: str | os.PathLike) -> pd.DataFrame:
     folder and the first rename wins; the others read the winner's copy."""
     params = params_of(cfg)
     folder = Path(cache_dir) / f"scenes-{scene_key(params)}"
+    if folder.parent.is_dir():
+        # Partial folders of killed generations, also those a concurrent generation outlived (it finished
+        # first, so none of the later uses generates again).
+        remove_stale_temporaries(folder.parent, folder.name)
     if not (folder / "pairs.csv").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder.parent, folder.name)  # partial folders of killed generations
         tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), dir=folder.parent))
         try:
             generate(params, tmp)
