@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test test-all test-slow install tuxpaint clean
+.PHONY: run test test-all test-slow install tuxpaint noto clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-all: $(STAMP)
 # Optional extra real data: ~950 TuxPaint stamps with captions (Debian package, GPL-2).
 tuxpaint:
 	apt-get install -y tuxpaint-stamps-default || (apt-get update && apt-get install -y tuxpaint-stamps-default)
+
+# Optional shifted style: Google's Noto Color Emoji (Debian package, OFL 1.1), scored as data.shifts' noto.
+noto:
+	apt-get install -y fonts-noto-color-emoji || (apt-get update && apt-get install -y fonts-noto-color-emoji)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

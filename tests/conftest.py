@@ -15,7 +15,8 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 
 # A CPU-sized run on the real embedded pairs: micro model, a few hundred pairs, short stages.
-FAST = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", "print_table=false"]
+# The shifted styles (data.shifts) are left to the tests that score them.
+FAST = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", "print_table=false", "data.shifts=[]"]
 
 
 def compose_cfg(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",

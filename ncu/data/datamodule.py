@@ -216,6 +216,8 @@ class PairDataModule(L.LightningDataModule):
         self.source_stats: dict[str, int] = {}
         # Class names of a dedicated zero-shot set (datasets["zeroshot"]); None: classify val/test by category.
         self.zeroshot_classnames: list[str] | None = None
+        # data.shifts: per style, its test pairs and zero-shot images (PairDatasets), class names and counts.
+        self.shifts: dict[str, dict[str, Any]] = {}
         self.pairs_per_s: float | None = None  # end-to-end training throughput of the last epoch
         self._passes = 0  # training passes started over a shard source (its shuffling epoch)
 
@@ -235,8 +237,9 @@ class PairDataModule(L.LightningDataModule):
         return self.data_cfg.get("source", "embedded")
 
     # Loader settings do not change which pairs exist; everything else in the data config may.
+    # The shifted styles (data.shifts) are evaluation sets beside the pairs.
     _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "max_side", "shuffle_buffer", "index_cache",
-                    "cache_dir")
+                    "cache_dir", "shifts")
 
     def dataset_id(self, frame: pd.DataFrame) -> str:
         """Name of the noise-artifact folder: the data name plus a hash of what defines the pairs
@@ -339,6 +342,35 @@ class PairDataModule(L.LightningDataModule):
             self.zeroshot_classnames = sorted(zs["category"].unique().tolist())
         self.datasets = datasets
         self.classnames = sorted(frame.loc[split != "zeroshot", "category"].unique().tolist())
+        self.shifts = self._setup_shifts(max_side)
+
+    def _setup_shifts(self, max_side: int) -> dict[str, dict[str, Any]]:
+        """The scenes' test pairs and zero-shot images drawn in each style of ``data.shifts`` (a style this
+        machine cannot draw is skipped with one line; emoji a style does not draw are left out and counted)."""
+        from ncu.data.scenes import shifted_scene_pairs
+        from ncu.data.styles import STYLES
+
+        out: dict[str, dict[str, Any]] = {}
+        for style in self.data_cfg.get("shifts") or []:
+            why = STYLES[style].missing()
+            if why:
+                log.info("data.shifts: style %r skipped: it %s", style, why)
+                continue
+            frame = shifted_scene_pairs(self.data_cfg, self.data_cfg.get("cache_dir") or "data/scenes", style)
+            counts = frame.attrs["style"]
+            sets = {split: PairDataset(frame[frame["split"] == split].reset_index(drop=True), self.preprocess_val,
+                                       self.tokenizer, max_side=max_side) for split in ("test", "zeroshot")}
+            if counts["missing"]:
+                log.info("data.shifts: %s draws %d of the %d concepts; left out: %s (%s pairs)", style,
+                         counts["concepts_drawn"], counts["concepts"], ", ".join(counts["missing"]),
+                         ", ".join(f"{n} {split}" for split, n in counts["left_out"].items()))
+            if len(sets["test"]) < 2 or len(sets["zeroshot"]) < 1:
+                log.info("data.shifts: style %r skipped: it draws too few of the concepts (%d test pairs)",
+                         style, len(sets["test"]))
+                continue
+            out[style] = {**sets, "classnames": sorted(sets["zeroshot"].frame["category"].unique().tolist()),
+                          "concepts_drawn": counts["concepts_drawn"], "concepts": counts["concepts"]}
+        return out
 
     def _setup_shards(self) -> None:
         """Shard source: index pass (key, caption), hashed split of the keys, noise on the training keys; the

@@ -70,18 +70,30 @@ def caption_of(names: list[str], prefix: str) -> str:
     return prefix + body
 
 
-def render(sprites: list[Image.Image], rng: np.random.Generator, size: int) -> Image.Image:
-    """The sprites left to right, one per horizontal slot, random side (60-100 % of the slot) and height."""
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    slot = size / len(sprites)
-    for i, sprite in enumerate(sprites):
+def layout(n: int, rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
+    """``(x, y, side)`` of ``n`` sprites left to right, one per horizontal slot, random side (60-100 % of the
+    slot) and height."""
+    boxes = []
+    slot = size / n
+    for i in range(n):
         top = max(4, int(min(slot, 0.6 * size)))
         side = int(rng.integers(max(3, int(0.6 * top)), top + 1))
         x = int(i * slot + rng.integers(0, max(1, int(slot) - side + 1)))
         y = int(rng.integers(0, size - side + 1))
+        boxes.append((x, y, side))
+    return boxes
+
+
+def compose(sprites: list[Image.Image], boxes: list[tuple[int, int, int]], size: int) -> Image.Image:
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    for sprite, (x, y, side) in zip(sprites, boxes):
         im = sprite.resize((side, side), Image.BICUBIC)
         canvas.paste(im, (x, y), im)
     return canvas
+
+
+def render(sprites: list[Image.Image], rng: np.random.Generator, size: int) -> Image.Image:
+    return compose(sprites, layout(len(sprites), rng, size), size)
 
 
 def _compositions(rng: np.random.Generator, n: int, n_concepts: int, sizes: tuple[int, ...],
@@ -102,14 +114,18 @@ def _compositions(rng: np.random.Generator, n: int, n_concepts: int, sizes: tupl
     return out
 
 
-def generate(params: dict, out_dir: Path) -> pd.DataFrame:
-    """Write the images and ``pairs.csv`` (key, image, caption, category, group, split) into ``out_dir``."""
+def generate(params: dict, out_dir: Path, style: str = "twemoji") -> pd.DataFrame:
+    """Write the images and ``pairs.csv`` (key, image, caption, category, group, split) into ``out_dir``.
+
+    In another ``style`` (ncu/data/styles.py) only the evaluation sets are drawn (val, test, zero-shot), with
+    the very compositions, captions and placements of the Twemoji set (the same random draws, in the same
+    order); a pair with a concept the style does not draw is left out, and ``style.json`` counts them."""
+    from ncu.data.styles import STYLES
+
     p = params
     vocab = vocabulary(p["n_concepts"], p["max_name_words"], p["seed"])
-    sprites = []
-    for path in vocab["image"]:
-        with Image.open(path) as im:
-            sprites.append(im.convert("RGBA"))
+    draw = STYLES[style].drawing()
+    sprites = [draw(key.split(":", 1)[1].upper(), Path(path)) for key, path in zip(vocab["key"], vocab["image"])]
     names = vocab["caption"].tolist()
     rng = np.random.default_rng([p["seed"], 7])
     sizes_all = tuple(range(1, p["max_objects"] + 1))
@@ -119,52 +135,89 @@ def generate(params: dict, out_dir: Path) -> pd.DataFrame:
     val = _compositions(rng, p["n_val"], len(names), sizes_eval, taken, unique=True)
     test = _compositions(rng, p["n_test"], len(names), sizes_eval, taken | set(val), unique=True)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, left_out = [], {}
+    evaluation_only = style != "twemoji"
+
+    def emit(split: str, key: str, stem: str, combo: tuple[int, ...], caption: str, category: str) -> None:
+        boxes = layout(len(combo), rng, p["image_size"])  # drawn even for a pair left out: same later draws
+        if evaluation_only and split == "train":
+            return
+        if any(sprites[c] is None for c in combo):
+            left_out[split] = left_out.get(split, 0) + 1
+            return
+        file = out_dir / "images" / f"{stem}.png"
+        compose([sprites[c] for c in combo], boxes, p["image_size"]).save(file)
+        rows.append((key, f"images/{file.name}", caption, category, key, split))
+
     for split, combos in (("train", train), ("val", val), ("test", test)):
         for i, combo in enumerate(combos):
             prefix = PREFIXES[int(rng.integers(len(PREFIXES)))] if rng.random() < p["prefix_prob"] else ""
-            key = f"scenes:{split}:{i:05d}"
-            file = out_dir / "images" / f"{split}_{i:05d}.png"
-            render([sprites[c] for c in combo], rng, p["image_size"]).save(file)
-            rows.append((key, f"images/{file.name}", caption_of([names[c] for c in combo], prefix),
-                         names[combo[0]], key, split))
+            emit(split, f"scenes:{split}:{i:05d}", f"{split}_{i:05d}", combo,
+                 caption_of([names[c] for c in combo], prefix), names[combo[0]])
     for c, name in enumerate(names):
         for j in range(p["zs_per_concept"]):
-            key = f"scenes:zeroshot:{c:03d}_{j}"
-            file = out_dir / "images" / f"zeroshot_{c:03d}_{j}.png"
-            render([sprites[c]], rng, p["image_size"]).save(file)
-            rows.append((key, f"images/{file.name}", name, name, key, "zeroshot"))
+            emit("zeroshot", f"scenes:zeroshot:{c:03d}_{j}", f"zeroshot_{c:03d}_{j}", (c,), name, name)
     frame = pd.DataFrame(rows, columns=["key", "image", "caption", "category", "group", "split"])
     frame.to_csv(out_dir / "pairs.csv", index=False)
     (out_dir / "params.json").write_text(json.dumps({**p, "version": GENERATOR_VERSION}, indent=2))
+    if evaluation_only:
+        missing = [name for name, sprite in zip(names, sprites) if sprite is None]
+        (out_dir / "style.json").write_text(json.dumps(
+            {"style": style, "concepts": len(names), "concepts_drawn": len(names) - len(missing),
+             "missing": missing, "left_out": left_out}, indent=2))
     return frame
 
 
-def scene_pairs(cfg: dict, cache_dir: str | os.PathLike) -> pd.DataFrame:
-    """The scene pairs of a data config, generated into ``cache_dir/<name>-<key>`` on first use.
-
-    Image paths in the frame are absolute. Concurrent first uses (a sweep) each generate into a temporary
-    folder and the first rename wins; the others read the winner's copy."""
-    params = params_of(cfg)
-    folder = Path(cache_dir) / f"scenes-{scene_key(params)}"
+def _generated(folder: Path, make) -> None:
+    """``make(tmp)`` into a temporary folder renamed to ``folder``, once: concurrent first uses (a sweep) each
+    generate and the first rename wins; partial folders of killed generations are removed."""
     if folder.parent.is_dir():
         # Partial folders of killed generations, also those a concurrent generation outlived (it finished
         # first, so none of the later uses generates again).
         remove_stale_temporaries(folder.parent, folder.name)
-    if not (folder / "pairs.csv").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), dir=folder.parent))
+    if (folder / "pairs.csv").exists():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), dir=folder.parent))
+    try:
+        make(tmp)
         try:
-            generate(params, tmp)
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # another process finished first
-                if not (folder / "pairs.csv").exists():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first
+            if not (folder / "pairs.csv").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read(folder: Path) -> pd.DataFrame:
     frame = pd.read_csv(folder / "pairs.csv", keep_default_na=False)
     frame["image"] = [str(folder / rel) for rel in frame["image"]]
     frame.attrs["folder"] = str(folder)
+    return frame
+
+
+def scene_pairs(cfg: dict, cache_dir: str | os.PathLike) -> pd.DataFrame:
+    """The scene pairs of a data config, generated into ``cache_dir/scenes-<key>`` on first use.
+
+    Image paths in the frame are absolute."""
+    params = params_of(cfg)
+    folder = Path(cache_dir) / f"scenes-{scene_key(params)}"
+    _generated(folder, lambda tmp: generate(params, tmp))
+    return _read(folder)
+
+
+def shifted_scene_pairs(cfg: dict, cache_dir: str | os.PathLike, style: str) -> pd.DataFrame:
+    """The evaluation pairs (val, test, zero-shot) of the data config's scenes drawn in ``style``, generated
+    into ``cache_dir/scenes-<key>-<style>-<version key>`` on first use; ``frame.attrs["style"]`` holds the
+    counts of ``style.json`` (concepts drawn, the missing ones, pairs left out per split)."""
+    from ncu.data.styles import STYLES
+
+    params = params_of(cfg)
+    version = hashlib.sha1(STYLES[style].version().encode()).hexdigest()[:6]
+    folder = Path(cache_dir) / f"scenes-{scene_key(params)}-{style}-{version}"
+    _generated(folder, lambda tmp: generate(params, tmp, style))
+    frame = _read(folder)
+    frame.attrs["style"] = json.loads((folder / "style.json").read_text())
     return frame
