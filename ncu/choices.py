@@ -19,3 +19,5 @@ SINKHORN_STOPS = ("marginal", "dual_l1")
 # Pairs flagged per batch: floor(rho * N) with a 1e-9 slack against float rounding (ours) or Python's
 # int(rho * N) as the official code computes it (0.29 * 100 gives 28).
 NC_COUNTS = ("floor", "truncate")
+# Other emoji styles of the test data (data.shifts; ncu/data/styles.py): zero-shot transfer under distribution shift.
+SHIFT_STYLES = ("openmoji", "noto", "sketch")

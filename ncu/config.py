@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAG_OBJECTIVES, FLAGGED_CAPTIONS,
                          HN_CAPACITIES, NC_COUNTS, NEGATION_HEADS, NEGATION_MODES, NOISE_PROTOCOLS, OBJECTIVES,
-                         SINKHORN_STOPS)
+                         SHIFT_STYLES, SINKHORN_STOPS)
 from ncu.errors import ConfigError, InputError  # noqa: F401 - the entry points import them from here
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -49,8 +49,11 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
             plan.append((name, {**defaults, **OmegaConf.to_container(stage, resolve=True)}))
     cap = cfg.get("epochs_cap")
     for _, stage in plan:
-        if cap is not None:
-            stage["epochs"] = min(stage["epochs"], cap)
+        if cap is not None and stage["epochs"] > cap:
+            # a capped stage keeps the share of warm-up epochs before its detector acts (at least one epoch acts)
+            if stage.get("flag_after"):
+                stage["flag_after"] = min(cap - 1, max(1, round(stage["flag_after"] * cap / stage["epochs"])))
+            stage["epochs"] = cap
     return plan
 
 
@@ -89,7 +92,8 @@ def unset_keys(cfg: DictConfig) -> list[str]:
 # defines, else it is refused as a typo. To open another section (a new open-ended set of kwargs), add its
 # pattern here.
 STAGE_SETTINGS = ("objective", "epochs", "lr", "weight_decay", "warmup", "min_lr_ratio", "train", "freeze",
-                  "unfreeze", "freeze_text_blocks", "freeze_token_embedding", "groups", "clamp_logit_scale")
+                  "unfreeze", "freeze_text_blocks", "freeze_token_embedding", "groups", "clamp_logit_scale",
+                  "detector", "flag_after", "detection")
 OPEN_SECTIONS = (
     "hydra.**",  # Hydra's own settings
     "trainer.**",  # Lightning Trainer kwargs are open-ended
@@ -404,6 +408,12 @@ def known_model_names() -> set[str] | None:
 
 def _validate_data(cfg: DictConfig) -> None:
     data = cfg.data
+    shifts = data.get("shifts") or []
+    if shifts and data.get("source") != "scenes":
+        raise ConfigError(f"data.shifts={list(shifts)}: the shifted styles redraw the scenes data (data=scenes); "
+                          f"data.source={data.get('source')!r} has none: set data.shifts=[]")
+    for style in shifts:
+        _choice(style, "data.shifts", SHIFT_STYLES)
     if cfg.data.get("source") == "csv":
         path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
         if not path:
@@ -525,6 +535,16 @@ def _validate_stage(name: str, stage: dict) -> None:
         raise ConfigError(f"{where}: warmup={warmup!r} must be a fraction (< 1) of the steps or a step count")
     _number(stage.get("min_lr_ratio", 0.0), f"{where}: min_lr_ratio", low=0, high=1)
     _number(stage.get("freeze_text_blocks", 0), f"{where}: freeze_text_blocks", low=0)
+    if stage.get("detector") is not None:
+        _choice(stage["detector"], f"{where}: detector", DETECTORS)
+    flag_after = stage.get("flag_after", 0)
+    _number(flag_after, f"{where}: flag_after", low=0, integer=True)
+    if flag_after >= stage["epochs"] and stage["objective"] in FLAG_OBJECTIVES:
+        raise ConfigError(f"{where}: flag_after={flag_after} warm-up epochs leave none of its {stage['epochs']} "
+                          "epochs to act on the flags")
+    detection = stage.get("detection") or {}
+    _choice(detection.get("cut", DETECTION_CUTS[0]), f"{where}: detection.cut", DETECTION_CUTS)
+    _choice(detection.get("source", DETECTION_SOURCES[0]), f"{where}: detection.source", DETECTION_SOURCES)
     for gname, group in (stage.get("groups") or {}).items():
         if not isinstance(group, dict) or not group.get("params"):
             raise ConfigError(f"{where}: groups.{gname} needs params (a list of name patterns)")

@@ -122,6 +122,10 @@ class CLIPUnlearner(L.LightningModule):
         self.pass_seconds = float("nan")
         self._epoch_start = time.perf_counter()
         self.stage_name, self.stage, self.stage_index = "none", {}, None
+        # The current stage's compute: training pairs seen (all ranks) and wall seconds of its fits (with their
+        # scoring passes); saved in checkpoints, so a resumed stage and a cached pre-training keep their cost.
+        self.cost = {"samples": 0, "seconds": 0.0}
+        self._fit_start: float | None = None
         self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
         self._eval_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_eval: dict[str, float] = {}
@@ -133,6 +137,9 @@ class CLIPUnlearner(L.LightningModule):
         self.eval_labels: dict[str, torch.Tensor] = {}
         # A dedicated zero-shot set (images, labels over ``classnames``); else val/test images by category.
         self.zeroshot_set: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Other styles of the test data (data.shifts): per style its test images and caption tokens, zero-shot
+        # images, labels and class names; scored with every test split (``<prefix>/<style>/<metric>``).
+        self.shift_sets: dict[str, dict[str, Any]] = {}
 
     # ----- stages -----------------------------------------------------------------------------------
     def set_stage(self, name: str, stage: dict) -> list[str]:
@@ -142,6 +149,9 @@ class CLIPUnlearner(L.LightningModule):
         if objective == "ncu_hn" and self.negation_mode == "none":
             raise ValueError(f"stage {name!r}: objective ncu_hn needs method.negation.mode=prompt or template")
         self.stage_name, self.stage = name, dict(stage)
+        self.cost = {"samples": 0, "seconds": 0.0}
+        # A stage may bring its own detector settings (a robust pre-training): over the method's.
+        self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {}), **(stage.get("detection") or {})}
         freeze = list(stage.get("freeze", []))
         if objective != "ncu_hn":  # the negated path is learned in the hardest-negative stage only
             freeze += [p for p, m in (("prompt.*", self.prompt), ("negation_head.*", self.negation_head))
@@ -167,6 +177,7 @@ class CLIPUnlearner(L.LightningModule):
         # The stage and every RNG the training loop draws from, so a resumed stage continues exactly.
         checkpoint["ncu_stage_index"] = self.stage_index
         checkpoint["ncu_stage_name"] = self.stage_name
+        checkpoint["ncu_cost"] = self.cost_so_far()
         if self.sample_history is not None:
             checkpoint["ncu_sample_history"] = self.sample_history.detach().cpu()
         checkpoint["ncu_rng"] = {
@@ -177,6 +188,8 @@ class CLIPUnlearner(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.restore_history(checkpoint)
+        if checkpoint.get("ncu_stage_index") == self.stage_index and checkpoint.get("ncu_cost"):
+            self.cost = dict(checkpoint["ncu_cost"])  # resumed inside the stage: its cost so far
         rng = checkpoint.get("ncu_rng")
         if rng is None:
             return
@@ -223,7 +236,13 @@ class CLIPUnlearner(L.LightningModule):
 
     @property
     def detector(self) -> str:
-        return self.method.get("detector", "batch")
+        """The stage's own detector (a robust pre-training's) or the method's."""
+        return self.stage.get("detector") or self.method.get("detector", "batch")
+
+    def warming_up(self) -> bool:
+        """Inside the stage's ``flag_after`` warm-up epochs (plain InfoNCE before a detector acts)."""
+        epoch = self.current_epoch if self._trainer is not None else 0
+        return epoch < int(self.stage.get("flag_after", 0))
 
     def flag(self, scores: torch.Tensor, noisy: torch.Tensor,
              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,6 +252,8 @@ class CLIPUnlearner(L.LightningModule):
         which first record the batch's scores by sample ``index``. Detection scores (higher = cleaner) are
         what the detection metrics rank: the batch's scores, the averaged ones (ema) or p_clean (gmm)."""
         detector = self.detector
+        if self.warming_up():
+            return torch.zeros_like(scores, dtype=torch.bool), scores
         if detector == "oracle":
             return noisy.to(dtype=torch.bool, device=scores.device).clone(), scores
         if detector == "batch":
@@ -286,7 +307,8 @@ class CLIPUnlearner(L.LightningModule):
         """Fit the two-component mixture on the per-sample scores (gmm, and ema with cut=gmm) at an epoch
         start: from a scoring pass (``detection.source=pass``, or when no sample has a score yet) or from the
         scores the previous epochs' steps recorded (``running``). Samples without a score are not flagged."""
-        if self.detector not in ("gmm", "ema") or (self.detector == "ema" and self.detection["cut"] != "gmm"):
+        if (self.detector not in ("gmm", "ema") or (self.detector == "ema" and self.detection["cut"] != "gmm")
+                or self.warming_up()):
             return
         bank = self._bank()
         if self.detector == "ema" and self.sample_history is not None:
@@ -431,7 +453,20 @@ class CLIPUnlearner(L.LightningModule):
             self.log("train/cos_t_tn", (t.detach().float() * tn.detach().float()).sum(1).mean(), batch_size=bs)
         return loss
 
+    def cost_so_far(self) -> dict[str, float]:
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return {"samples": int(self.cost["samples"]), "seconds": float(self.cost["seconds"]) + running}
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self) -> None:
+        self.cost = self.cost_so_far()
+        self._fit_start = None
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.cost["samples"] += len(batch["image"]) * world
         # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
         if self.stage.get("clamp_logit_scale", True):
             with torch.no_grad():
@@ -495,9 +530,26 @@ class CLIPUnlearner(L.LightningModule):
             clf = zero_shot_classifier(self.model, self.tokenizer, self.classnames, ZS_TEMPLATES, self.device)
             zs = zero_shot_accuracy(zs_v, labels.to(zs_v.device), clf, topk=(1,))
             metrics["zeroshot_top1"] = zs["top1"]
+        if split == "test":
+            for style, sets in self.shift_sets.items():
+                metrics.update({f"{style}/{k}": val for k, val in self.shift_metrics(sets).items()})
         self.last_eval = {f"{prefix}/{k}": float(val) for k, val in metrics.items()}
         for k, val in self.last_eval.items():
             self.log(k, val, prog_bar=k.endswith("rsum"), sync_dist=False)
+
+    @torch.no_grad()
+    def shift_metrics(self, sets: dict[str, Any], chunk: int = 256) -> dict[str, float]:
+        """Retrieval (rSum, R@1 both ways) on a style's test pairs and zero-shot top-1 over its class names (a
+        small set every rank scores whole)."""
+        v = self.encode_images(sets["images"], chunk)
+        t = torch.cat([self.model.encode_text(sets["texts"][i:i + chunk].to(self.device), normalize=True).float()
+                       for i in range(0, len(sets["texts"]), chunk)])
+        r = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
+        out = {"rsum": r["rsum"], "i2t_R@1": r["i2t_R@1"], "t2i_R@1": r["t2i_R@1"]}
+        clf = zero_shot_classifier(self.model, self.tokenizer, sets["classnames"], ZS_TEMPLATES, self.device)
+        zs_v = self.encode_images(sets["zs_images"], chunk)
+        out["zeroshot_top1"] = zero_shot_accuracy(zs_v, sets["zs_labels"].to(zs_v.device), clf, topk=(1,))["top1"]
+        return out
 
     def on_validation_epoch_start(self) -> None:
         self._eval_feats.clear()

@@ -18,7 +18,8 @@ FREE_KEYS = ("resume", "logger", "paths", "hydra", "callbacks", "print_table", "
              "tags", "trust_checkpoints", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator",
              "trainer.default_root_dir",
              "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.enable_model_summary",
-             "data.num_workers", "data.eval_batch_size", "data.index_cache", "data.cache_dir")
+             "data.num_workers", "data.eval_batch_size", "data.index_cache", "data.cache_dir",
+             "data.shifts")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -31,6 +31,7 @@ from ncu.models import factory
 
 log = logging.getLogger(__name__)
 HEADLINE = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "zeroshot_top1")
+SHIFT_HEADLINE = ("rsum", "zeroshot_top1")  # per shifted style (data.shifts), in the before/after table
 
 
 def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnlearner]:
@@ -56,7 +57,19 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
         zs = dm.datasets["zeroshot"]
         module.classnames = dm.zeroshot_classnames
         module.zeroshot_set = (torch.stack([zs[k]["image"] for k in range(len(zs))]), dm.category_labels("zeroshot"))
+    module.shift_sets = {style: shift_tensors(sets) for style, sets in dm.shifts.items()}
     return bundle, dm, module
+
+
+def shift_tensors(sets: dict[str, Any]) -> dict[str, Any]:
+    """A style's sets (``PairDataModule.shifts``) as the tensors ``CLIPUnlearner.shift_metrics`` scores."""
+    test, zs = sets["test"], sets["zeroshot"]
+    index = {c: i for i, c in enumerate(sets["classnames"])}
+    items = [test[k] for k in range(len(test))]
+    return {"images": torch.stack([it["image"] for it in items]), "texts": torch.stack([it["text"] for it in items]),
+            "zs_images": torch.stack([zs[k]["image"] for k in range(len(zs))]),
+            "zs_labels": torch.tensor([index[c] for c in zs.frame["category"]], dtype=torch.long),
+            "classnames": sets["classnames"]}
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -163,7 +176,9 @@ def print_table(metrics: dict[str, float]) -> None:
     table = Table(title="test split: before (pre-trained) vs after (method)")
     for col in ("metric", "before", "after", "change"):
         table.add_column(col, justify="right" if col != "metric" else "left")
-    for key in HEADLINE:
+    styles = sorted({k.split("/")[1] for k in metrics if k.startswith("test/") and k.count("/") == 2})
+    keys = [*HEADLINE, *(f"{style}/{m}" for style in styles for m in SHIFT_HEADLINE)]
+    for key in keys:
         before, after = metrics.get(f"pretrain/{key}"), metrics.get(f"test/{key}")
         if before is None or after is None:
             continue
@@ -264,6 +279,10 @@ def record_data(run: Run) -> dict[str, float]:
     dm, art = run.dm, run.dm.noise_artifact
     metrics = {"noise/realised_rate": art.realised_rate, "noise/num_noisy": float(art.noisy_mask.sum()),
                "data/train_pairs": float(len(dm.datasets["train"])), "data/skipped": float(dm.skipped)}
+    for style, sets in dm.shifts.items():  # what each shifted style draws of the test data
+        metrics.update({f"shift/{style}/concepts_drawn": float(sets["concepts_drawn"]),
+                        f"shift/{style}/test_pairs": float(len(sets["test"])),
+                        f"shift/{style}/zeroshot_images": float(len(sets["zeroshot"]))})
     write_json(run.run_dir / "noise_meta.json", {**art.meta, "artifact_dir": str(dm.noise_folder)})
     for lg in run.loggers:
         lg.log_hyperparams({"noise_artifact": str(dm.noise_folder), **metrics})
@@ -290,7 +309,8 @@ def run_stage(run: Run, index: int, name: str, stage: dict) -> None:
     if index == 0 and name != "pretrain":
         run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))  # the model as given
     cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None
-    if cache is not None and load_cached_pretrain(module, cache, cfg.trust_checkpoints):
+    cached = cache is not None and load_cached_pretrain(module, cache, cfg.trust_checkpoints)
+    if cached:
         log.info("stage %d/%d: %s loaded from the pre-training cache %s", index + 1, len(run.plan), name, cache)
         copy_atomic(cache, run.checkpoint(index))
     else:
@@ -300,7 +320,11 @@ def run_stage(run: Run, index: int, name: str, stage: dict) -> None:
                 copy_atomic(run.checkpoint(index), cache)
             except (OSError, StorageError) as e:  # the cache only saves later runs a pre-training
                 log.warning("pre-training cache not written, the run goes on: %s", storage_error(e, cache) or e)
+    # Compute: a cached pre-training reports what it cost when it ran (cost/pretrain_cached = 1).
+    run.metrics.update({f"cost/{name}_samples": float(module.cost["samples"]),
+                        f"cost/{name}_seconds": float(module.cost["seconds"])})
     if name == "pretrain":
+        run.metrics["cost/pretrain_cached"] = float(cached)
         run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))
     run.stage_done(name)
 
@@ -343,8 +367,11 @@ def finish(run: Run) -> None:
     metrics.update(run.progress["fit_metrics"])
     metrics.update({f"data/{k}": float(v) for k, v in run.dm.stats().items() if isinstance(v, (int, float))})
     metrics.update(test_metrics(run.trainer, run.module, run.dm, "test"))
+    stages = [name for name, _ in run.plan if f"cost/{name}_samples" in metrics]
+    metrics["cost/total_samples"] = float(sum(metrics[f"cost/{n}_samples"] for n in stages))
+    metrics["cost/total_seconds"] = float(sum(metrics[f"cost/{n}_seconds"] for n in stages))
     for lg in run.loggers:
-        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/"))}, run.step)
+        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/", "cost/"))}, run.step)
     write_json(run.run_dir / "metrics.json", metrics)
     if run.cfg.get("print_table", True):
         print_table(metrics)
@@ -404,6 +431,7 @@ def load_cached_pretrain(module: CLIPUnlearner, cache: Path, trusted: bool = Fal
         log.warning("pre-training cache %s holds non-finite weights (a diverged pre-training), pre-training again",
                     cache)
         return False
+    module.cost = dict(ckpt.get("ncu_cost") or {"samples": float("nan"), "seconds": float("nan")})  # older files: unknown
     if not module.restore_history(ckpt) and module.detector == "ema":
         log.warning("pre-training cache %s holds no per-sample history (written by an older version): the ema "
                     "detector starts from a scoring pass; delete the file to pre-train again with it", cache)
@@ -441,7 +469,8 @@ def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | No
 def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
     """What a pre-training's result depends on (model, data, noise, the stage's recipe, seed, optimiser,
     trainer numerics): the key of the shared cache, and what a resume compares for a pre-training."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"}
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("cache_dir", "shifts")}  # where the scenes are kept, and the evaluation-only styles
     spec = {
         "model": cfg.model, "data": data, "noise": cfg.noise, "stage": stage,
         "seed": cfg.seed,

@@ -38,6 +38,23 @@ def test_smoke_run_writes_metrics_checkpoints_and_logs(smoke_run):
     assert "train/nc_auroc" in on_disk and 0.35 <= on_disk["noise/realised_rate"] <= 0.4
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "stage0_pretrain.ckpt", "stage1_finetune.ckpt"]
+    # The shifted styles (data.shifts): each scored before and after, over the pairs it draws.
+    shifts = objects["datamodule"].shifts
+    assert {"openmoji", "sketch"} <= set(shifts)
+    for style, sets in shifts.items():
+        n_zs = len(sets["zeroshot"])
+        assert on_disk[f"shift/{style}/test_pairs"] == len(sets["test"]) > 0
+        for prefix in ("test", "pretrain"):
+            assert 0 <= on_disk[f"{prefix}/{style}/rsum"] <= 600
+            zs = on_disk[f"{prefix}/{style}/zeroshot_top1"]
+            assert zs * n_zs / 100 == pytest.approx(round(zs * n_zs / 100))
+    # Compute per stage and in all: whole batches of the training split each epoch.
+    n_train = len(objects["datamodule"].datasets["train"])
+    for stage in ("pretrain", "finetune"):
+        epochs = 2  # experiment=smoke caps every stage at 2 epochs
+        assert on_disk[f"cost/{stage}_samples"] == epochs * (n_train // 64) * 64
+        assert on_disk[f"cost/{stage}_seconds"] > 0
+    assert on_disk["cost/total_samples"] == on_disk["cost/pretrain_samples"] + on_disk["cost/finetune_samples"]
     csv = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     header = csv[0].split(",")
     assert {"train/loss", "val/rsum", "test/rsum", "pretrain/rsum"} <= set(header)
