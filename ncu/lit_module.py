@@ -19,6 +19,7 @@ from open_clip.loss import ClipLoss
 
 from ncu import detectors, stages
 from ncu.choices import ANCHORS, DETECTORS, FLAG_OBJECTIVES, NEGATION_HEADS, OBJECTIVES
+from ncu.data.datamodule import batch_size_of
 from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics
@@ -466,7 +467,7 @@ class CLIPUnlearner(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         world = self.trainer.world_size if self._trainer is not None else 1
-        self.cost["samples"] += len(batch["image"]) * world
+        self.cost["samples"] += batch_size_of(batch) * world
         # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
         if self.stage.get("clamp_logit_scale", True):
             with torch.no_grad():

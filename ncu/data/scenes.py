@@ -92,10 +92,6 @@ def compose(sprites: list[Image.Image], boxes: list[tuple[int, int, int]], size:
     return canvas
 
 
-def render(sprites: list[Image.Image], rng: np.random.Generator, size: int) -> Image.Image:
-    return compose(sprites, layout(len(sprites), rng, size), size)
-
-
 def _compositions(rng: np.random.Generator, n: int, n_concepts: int, sizes: tuple[int, ...],
                   taken: set[tuple[int, ...]], unique: bool) -> list[tuple[int, ...]]:
     out: list[tuple[int, ...]] = []
