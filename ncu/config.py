@@ -392,6 +392,12 @@ def _validate_model(cfg: DictConfig) -> None:
     if pretrained is not None and ("/" in str(pretrained) or Path(str(pretrained)).suffix):
         if not Path(str(pretrained)).exists():
             raise ConfigError(f"model.pretrained={pretrained!r}: file not found")
+    if cfg.model.logit_scale is not None:
+        # The clamp every stage applies (unless it sets clamp_logit_scale: false) keeps s at most 100.
+        _number(cfg.model.logit_scale, "model.logit_scale", low=0, low_open=True, high=100)
+        if pretrained is not None:
+            raise ConfigError(f"model.logit_scale={cfg.model.logit_scale!r} sets the scale of a model built from "
+                              f"scratch; model.pretrained={pretrained!r} brings its own (set model.logit_scale=null)")
 
 
 def known_model_names() -> set[str] | None:
@@ -414,6 +420,11 @@ def _validate_data(cfg: DictConfig) -> None:
                           f"data.source={data.get('source')!r} has none: set data.shifts=[]")
     for style in shifts:
         _choice(style, "data.shifts", SHIFT_STYLES)
+    if data.get("train_size") is not None and data.get("source") != "scenes":
+        raise ConfigError(f"data.train_size={data.train_size!r} sizes the generated scenes (data=scenes); "
+                          f"data.source={data.get('source')!r} is read as it is (data.limit subsamples it)")
+    if data.get("train_size") is not None:
+        _number(data.train_size, "data.train_size", low=1, integer=True)
     if cfg.data.get("source") == "csv":
         path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
         if not path:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncu import resume
 from ncu.callbacks import DashboardImages
+from ncu.choices import cache_key_view
 from ncu.config import ConfigError, plan_stages, validate
 from ncu.errors import CheckpointError, DivergedError, StorageError
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
@@ -38,7 +39,7 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
     """Model (with its transforms and tokenizer), data module and Lightning module of a run config."""
     bundle = factory.create(cfg.model.name, cfg.model.pretrained,
                             aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}, resolve=True),
-                            trusted=cfg.trust_checkpoints)
+                            trusted=cfg.trust_checkpoints, logit_scale=cfg.model.logit_scale)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     dm = PairDataModule(data, OmegaConf.to_container(cfg.noise, resolve=True), batch_size=data["batch_size"],
                         eval_batch_size=data["eval_batch_size"], num_workers=data["num_workers"],
@@ -471,8 +472,9 @@ def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
     trainer numerics): the key of the shared cache, and what a resume compares for a pre-training."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("cache_dir", "shifts")}  # where the scenes are kept, and the evaluation-only styles
+    model = cache_key_view("model", OmegaConf.to_container(cfg.model, resolve=True))
     spec = {
-        "model": cfg.model, "data": data, "noise": cfg.noise, "stage": stage,
+        "model": model, "data": cache_key_view("data", data), "noise": cfg.noise, "stage": stage,
         "seed": cfg.seed,
         # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum
         "history_momentum": OmegaConf.select(cfg, "method.detection.momentum", default=0.9),

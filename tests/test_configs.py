@@ -56,9 +56,12 @@ def test_stage_inherits_defaults_and_epochs_cap(tmp_path):
     ("noise.protocol=bogus", "noise.protocol"),
     ("data.batch_size=1", "data.batch_size"),
     ("method.stages.unlearn.epochs=0", "epochs"),
+    ("model.logit_scale=0", "model.logit_scale"),
+    ("model.logit_scale=150", "model.logit_scale"),
+    ("data.train_size=0", "data.train_size"),
 ])
 def test_invalid_values_fail_with_a_message_naming_them(override, needle, tmp_path):
-    cfg = compose_cfg([override], tmp_path=tmp_path)
+    cfg = compose_cfg(override.split(), tmp_path=tmp_path)
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         validate(cfg)
 
@@ -107,3 +110,17 @@ def test_named_template_sets():
     assert len(named_templates("laclip")) == 7
     names, templates = class_prompts({"classnames": "imagenet", "templates": "laclip"}, [])
     assert len(names) == 1000 and templates == named_templates("laclip")
+
+
+def test_logit_scale_starts_a_model_from_scratch_only(tmp_path):
+    import math
+
+    from ncu.models.factory import create
+
+    assert create("ncu-micro").model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert create("ncu-micro", logit_scale=100.0).model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+    assert math.isclose(compose_cfg(["model.logit_scale=100"], tmp_path=tmp_path).model.logit_scale, 100)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError, match="model.logit_scale=100.* brings its own"):
+        validate(compose_cfg(["model.logit_scale=100", f"model.pretrained={weights}"], tmp_path=tmp_path))

@@ -96,3 +96,50 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, pairs):
     frame.loc[frame.index[3], "image"] = str(tmp_path / "missing.png")
     ds = PairDataset(frame.reset_index(drop=True))
     assert ds.skipped == 2 and len(ds) == 3
+
+
+SCENES = {"name": "scenes", "source": "scenes", "n_concepts": 12, "n_train": 120, "n_val": 20, "n_test": 30,
+          "image_size": 32, "zs_per_concept": 1, "max_side": 32}
+
+
+def test_concept_protocol_edits_training_captions_only(tmp_path):
+    from ncu.data.scenes import vocabulary
+
+    data = {**SCENES, "cache_dir": str(tmp_path / "scenes")}
+    dm = PairDataModule(data, {"protocol": "concept", "rate": 0.4, "seed": 0}, batch_size=32,
+                        noise_dir=str(tmp_path / "noise"))
+    dm.setup()
+    train, art = dm.datasets["train"], dm.noise_artifact
+    assert (train.image_index == np.arange(len(train))).all()  # every caption stays with its own image
+    assert train.noisy.sum() == int(0.4 * len(train))
+    names = set(vocabulary(12, 3, 0)["caption"])
+    for k in range(len(train)):
+        caption, edit = train.frame.at[k, "caption"], art.edits[k]
+        assert (edit != "") == train.noisy[k]
+        assert caption == (edit or caption)
+        assert train[k]["caption"] == caption
+    # val/test keep their captions: a fresh data module on clean noise reads the same ones
+    clean = PairDataModule(data, {"protocol": "none", "rate": 0.0, "seed": 0}, batch_size=32,
+                           noise_dir=str(tmp_path / "noise"))
+    clean.setup()
+    for split in ("val", "test"):
+        assert dm.datasets[split].frame["caption"].tolist() == clean.datasets[split].frame["caption"].tolist()
+    before = clean.datasets["train"].frame["caption"]
+    changed = (train.frame["caption"] != before).to_numpy()
+    assert (changed == train.noisy).all()
+
+    def concepts(caption: str) -> list[str]:
+        body = caption.split(" of ", 1)[1] if caption.startswith(("an icon of", "a picture of", "a drawing of")) else caption
+        return [x for part in body.split(", ") for x in part.split(" and ")]
+
+    for k in np.flatnonzero(changed):
+        old, new = concepts(before[k]), concepts(train.frame.at[k, "caption"])
+        assert set(new) <= names and len(old) == len(new)
+        assert sum(a != b for a, b in zip(old, new)) == 1
+
+
+def test_concept_protocol_needs_captions_that_name_a_category(tmp_path):
+    from ncu.errors import DataError
+
+    with pytest.raises(DataError, match="no training caption .* names one"):
+        _dm(tmp_path, noise={"protocol": "concept", "rate": 0.4, "seed": 0})

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ncu.data.noise import PROTOCOLS, build_or_load, make_noise
+from ncu.data.noise import PROTOCOLS, TEXT_PROTOCOLS, NoiseArtifact, build_or_load, make_noise, replace_concepts
+
+# The protocols that move captions to other images (make_noise); `concept` edits them (replace_concepts).
+MOVING = [p for p in PROTOCOLS if p not in TEXT_PROTOCOLS]
 
 FRUIT = ["apple", "banana", "cherry", "grape", "mango", "pear", "plum", "melon"]
 CARS = ["car", "truck", "bus", "tractor", "scooter", "van", "taxi", "lorry"]
@@ -113,7 +116,7 @@ def test_semantic_needs_captions():
         make_noise(10, 0.5, "semantic", captions=["a b"] * 9)
 
 
-@pytest.mark.parametrize("protocol", [p for p in PROTOCOLS if p != "none"])
+@pytest.mark.parametrize("protocol", [p for p in MOVING if p != "none"])
 def test_deterministic_by_seed_and_changes_with_seed(protocol):
     caps, _ = two_topic_captions(100)
     kw = {"captions": caps} if protocol == "semantic" else {}
@@ -124,7 +127,7 @@ def test_deterministic_by_seed_and_changes_with_seed(protocol):
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("protocol", [p for p in PROTOCOLS if p != "none"])
+@pytest.mark.parametrize("protocol", [p for p in MOVING if p != "none"])
 def test_independent_of_training_seed(protocol):
     caps, _ = two_topic_captions(100)
     kw = {"captions": caps} if protocol == "semantic" else {}
@@ -150,7 +153,7 @@ def test_invalid_rate(rate, tmp_path):
         build_or_load(tmp_path, "d", [str(i) for i in range(10)], None, rate)
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("protocol", MOVING)
 def test_clean_when_none_or_zero_rate(protocol):
     caps = [f"caption {i}" for i in range(50)]
     for p, r in ((protocol, 0.0), ("none", 0.6)):
@@ -181,3 +184,63 @@ def test_artifact_reuse_and_fingerprint_refusal(tmp_path, protocol):
 def test_semantic_artifact_requires_captions(tmp_path):
     with pytest.raises(ValueError, match="captions"):
         build_or_load(tmp_path, "toy", [str(i) for i in range(20)], None, 0.3, "semantic")
+
+
+CONCEPTS = ["cat", "cat face", "dog", "tent", "bell", "red apple"]
+
+
+def scene_captions(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        names = [CONCEPTS[j] for j in rng.choice(len(CONCEPTS), size=int(rng.integers(1, 4)), replace=False)]
+        body = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        out.append(("an icon of " if i % 3 == 0 else "") + body)
+    return out + ["a blank canvas"] * (n // 10)  # captions naming no concept can never be edited
+
+
+def named(caption: str) -> list[str]:
+    """The concepts a scene caption names, read back independently: split the list on ', ' and ' and '."""
+    body = caption.removeprefix("an icon of ")
+    return [part for chunk in body.split(", ") for part in chunk.split(" and ")]
+
+
+def test_concept_protocol_replaces_exactly_one_named_concept():
+    caps = scene_captions(300)
+    edits = replace_concepts(caps, 0.4, seed=3, concepts=CONCEPTS)
+    edited = np.flatnonzero(edits != "")
+    assert len(edited) == math.floor(0.4 * len(caps))
+    for k in edited:
+        before, after = named(caps[k]), named(edits[k])
+        assert len(before) == len(after) and caps[k].startswith("an icon of ") == edits[k].startswith("an icon of ")
+        changed = [(a, b) for a, b in zip(before, after) if a != b]
+        assert len(changed) == 1, (caps[k], edits[k])
+        old, new = changed[0]
+        assert new in CONCEPTS and new not in before  # another concept, one the caption did not name
+    assert all(edits[k] == "" for k in range(len(caps)) if caps[k] == "a blank canvas")
+    np.testing.assert_array_equal(edits, replace_concepts(caps, 0.4, seed=3, concepts=CONCEPTS))
+    assert not np.array_equal(edits, replace_concepts(caps, 0.4, seed=4, concepts=CONCEPTS))
+
+
+def test_concept_protocol_reads_the_longest_name():
+    # "cat face" is one concept: replacing "cat" inside it would leave a caption naming "X face".
+    caps = ["cat face"] * 50
+    edits = replace_concepts(caps, 0.5, seed=0, concepts=CONCEPTS)
+    assert all(e in CONCEPTS and e != "cat face" for e in edits if e)
+
+
+def test_concept_artifact_round_trip_and_training_captions(tmp_path):
+    caps = scene_captions(120)
+    keys = [f"k{i:04d}" for i in range(len(caps))]
+    art, folder, reused = build_or_load(tmp_path, "toy", keys, caps, 0.3, "concept", seed=1, concepts=CONCEPTS)
+    assert not reused and (folder / "edits.npy").exists()
+    np.testing.assert_array_equal(art.perm, np.arange(len(caps)))  # every image stays with its caption
+    shown = art.captions(caps)
+    np.testing.assert_array_equal(art.noisy_mask, shown != np.asarray(caps, dtype=object))
+    assert art.meta["realised_text_rate"] == pytest.approx(art.noisy_mask.mean())
+    again = NoiseArtifact.load(folder)
+    np.testing.assert_array_equal(again.captions(caps), shown)
+    # An edit changed after writing is refused by the recorded hash, as the other files are.
+    np.save(folder / "edits.npy", np.asarray(["x"] * len(caps)))
+    with pytest.raises(ValueError, match="edits.npy differs"):
+        NoiseArtifact.load(folder)

@@ -101,3 +101,31 @@ def test_a_killed_concurrent_generation_is_cleaned_up_by_a_later_use_of_the_fini
         (path / "images").mkdir(parents=True)
     scene_pairs(SMALL, tmp_path)
     assert not stale.exists() and live.exists()
+
+
+def test_train_size_keeps_the_evaluation_sets_of_n_train(tmp_path):
+    base = scene_pairs(SMALL, tmp_path)
+    fewer = scene_pairs({**SMALL, "train_size": 50}, tmp_path)
+    more = scene_pairs({**SMALL, "train_size": 200}, tmp_path)
+    assert scene_key(params_of(SMALL)) == scene_key(params_of({**SMALL, "train_size": None}))  # old caches valid
+    cols = ["key", "caption", "category", "split"]
+
+    def split(frame, name):
+        return frame[frame["split"] == name].reset_index(drop=True)
+
+    for name in ("val", "test", "zeroshot"):  # the same pairs and the same pixels
+        assert split(fewer, name)[cols].equals(split(base, name)[cols])
+        assert split(more, name)[cols].equals(split(base, name)[cols])
+        for a, b in zip(split(more, name)["image"][:3], split(base, name)["image"][:3]):
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    train = split(base, "train")
+    assert split(fewer, "train")[cols].equals(train[cols].iloc[:50])
+    extra = split(more, "train")
+    assert len(extra) == 200 and extra[cols].iloc[:120].equals(train[cols])
+    # the added compositions are new draws, never an evaluation composition
+    evaluation = set(base.loc[base["split"].isin(["val", "test"]), "caption"].str.replace(
+        r"^(an icon of|a picture of|a drawing of) ", "", regex=True))
+    added = extra["caption"].iloc[120:].str.replace(r"^(an icon of|a picture of|a drawing of) ", "", regex=True)
+    assert not set(added) & evaluation and extra["key"].is_unique
+    with pytest.raises(ValueError, match="data.train_size"):
+        params_of({**SMALL, "train_size": 0})

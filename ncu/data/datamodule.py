@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ncu.choices import cache_key_view
 from ncu.data import noise as noise_lib
 from ncu.data.embedded import embedded_pairs, split_of, unit_hash
 from ncu.data.images import load_image
@@ -245,7 +246,7 @@ class PairDataModule(L.LightningDataModule):
         """Name of the noise-artifact folder: the data name plus a hash of what defines the pairs
         (e.g. sources, skin tones, limit) and, for the embedded set, of which sources are present
         (TuxPaint is optional). Other sources are identified by their config (path, shard list)."""
-        spec = {k: v for k, v in sorted(self.data_cfg.items()) if k not in self._LOADER_KEYS}
+        spec = cache_key_view("data", {k: v for k, v in sorted(self.data_cfg.items()) if k not in self._LOADER_KEYS})
         if self.source == "embedded":
             spec["present"] = sorted({str(k).split(":")[0] for k in frame["key"]})
         return f"{self.name}-{hashlib.sha1(json.dumps(spec, default=str).encode()).hexdigest()[:8]}"
@@ -267,15 +268,27 @@ class PairDataModule(L.LightningDataModule):
         order = np.argsort(part["key"].map(lambda k: unit_hash(k, "limit")).to_numpy(), kind="stable")
         return part.iloc[order[:n]].reset_index(drop=True)
 
-    def _build_noise(self, frame: pd.DataFrame, train: pd.DataFrame) -> None:
+    def _build_noise(self, frame: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+        """Build or reuse the noise artifact of the training split; returns the split with its captions as
+        corrupted (text protocols edit them; the others move captions to other images, ``perm``)."""
         self.dataset_key = self.dataset_id(frame)
+        protocol, rate = self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("rate", 0.0)
+        concepts = None
+        if protocol in noise_lib.TEXT_PROTOCOLS:
+            if "category" not in frame.columns:
+                raise DataError(f"noise.protocol={protocol!r} replaces concepts named in captions by the data's "
+                                f"category names; {self._source_name()} has none (shards carry no categories)")
+            concepts = sorted(str(c) for c in frame["category"].unique() if str(c) not in ("", "none"))
         self.noise_artifact, self.noise_folder, reused = noise_lib.build_or_load(
             self.noise_dir, self.dataset_key, train["key"].tolist(),
-            train["caption"].tolist(), self.noise_cfg.get("rate", 0.0),
-            self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("seed", 0),
-            self.noise_cfg.get("derangement", False))
+            train["caption"].tolist(), rate, protocol, self.noise_cfg.get("seed", 0),
+            self.noise_cfg.get("derangement", False), concepts=concepts)
         log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
                  "reused" if reused else "created", self.noise_artifact.realised_rate)
+        if concepts is not None and rate > 0 and not self.noise_artifact.noisy_mask.any():
+            raise DataError(f"noise.protocol={protocol!r}: no training caption of {self._source_name()} names one "
+                            f"of its {len(concepts)} category names (e.g. {concepts[:3]}), so none can be edited")
+        return train.assign(caption=self.noise_artifact.captions(train["caption"].to_numpy()))
 
     def _source_name(self) -> str:
         """The data set as the user named it: its file for a CSV, its shard list for shards."""
@@ -328,7 +341,7 @@ class PairDataModule(L.LightningDataModule):
         datasets: dict[str, PairDataset] = {}
         for name, part in parts.items():
             if name == "train":
-                self._build_noise(frame, part)
+                part = self._build_noise(frame, part)
                 ds = PairDataset(part, self.preprocess_train, self.tokenizer, self.noise_artifact.perm,
                                  self.noise_artifact.noisy_mask, max_side)
             else:

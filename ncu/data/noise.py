@@ -9,6 +9,10 @@ Protocols (see the README's "Noise" section):
   selected as in ``caption`` and their image ids are shuffled only among selected captions of the same
   cluster, so a wrong caption describes a similar scene. A cluster holding a single selected caption leaves it
   on its own image, so the realised rate can be noticeably below r when clusters are small.
+- ``concept`` (partly related): floor(r*N) captions that name a concept of the data keep their image, and one
+  concept they name is replaced by another the caption does not name ("cat, tent and bell" -> "cat, kite and
+  bell"): the image still shows the rest, the most web-like mismatch. The concepts are the data's category
+  names (scenes: its vocabulary); only captions naming one can be chosen. Stored as ``edits.npy``.
 - ``none``: clean.
 ``derangement=True`` makes the caption/image shuffles fixed-point free, so exactly floor(r*N) pairs are wrong
 (for ``semantic``: every selected caption in a cluster with at least two selected captions).
@@ -19,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,8 @@ from ncu.files import atomic_path
 
 PROTOCOLS = NOISE_PROTOCOLS
 ARTIFACT_FILES = ("perm.npy", "noisy_mask.npy", "keys.npy")
+# Protocols that edit the caption text instead of moving it to another image.
+TEXT_PROTOCOLS = ("concept",)
 
 
 def check_rate(rate: float) -> float:
@@ -76,6 +83,8 @@ def make_noise(
         raise ValueError(
             f"num_captions={num_captions} is not a multiple of captions_per_image={captions_per_image}"
         )
+    if protocol in TEXT_PROTOCOLS:
+        raise ValueError(f"noise.protocol {protocol!r} edits captions instead of moving them: use replace_concepts")
     if protocol == "semantic" and (captions is None or len(captions) != num_captions):
         got = "none" if captions is None else f"{len(captions)}"
         raise ValueError(
@@ -124,6 +133,36 @@ def make_noise(
             if derangement and captions_per_image > 1:
                 _fix_same_image(perm, t2i, members, rng)
     return perm, perm != t2i
+
+
+def replace_concepts(captions: list[str], rate: float, seed: int, concepts: list[str]) -> np.ndarray:
+    """Protocol ``concept``: the edited caption of each of floor(rate*N) captions, "" for the others.
+
+    A caption is editable when it names at least one of ``concepts`` (whole words, the longest name first, so
+    "cat face" is not read as "cat"); floor(rate*N) editable captions are drawn with ``seed`` (all of them if
+    fewer), one named concept of each is drawn and replaced by a concept drawn from those the caption does not
+    name. Every edited caption thus differs from its original in exactly one concept."""
+    rate = check_rate(rate)
+    names = sorted({str(c).strip() for c in concepts if str(c).strip()}, key=lambda c: (-len(c), c))
+    edits = np.full(len(captions), "", dtype=object)
+    if not names or rate == 0.0:
+        return edits
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(c) for c in names) + r")(?!\w)")
+    found = [list(pattern.finditer(str(c))) for c in captions]
+    editable = np.flatnonzero([bool(m) for m in found])
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(editable)[: math.floor(rate * len(captions))]
+    for k in np.sort(chosen):
+        matches = found[k]
+        hit = matches[int(rng.integers(len(matches)))]
+        named = {m.group(1) for m in matches}
+        others = [c for c in names if c not in named]
+        if not others:
+            continue
+        new = others[int(rng.integers(len(others)))]
+        text = str(captions[k])
+        edits[k] = text[: hit.start()] + new + text[hit.end():]
+    return edits
 
 
 def caption_clusters(captions: list[str], n_clusters: int | None = None, seed: int = 0) -> np.ndarray:
@@ -181,6 +220,15 @@ class NoiseArtifact:
     perm: np.ndarray  # (N,) image index paired with caption k
     noisy_mask: np.ndarray  # (N,) bool
     meta: dict
+    edits: np.ndarray | None = None  # (N,) edited caption text, "" where unchanged (text protocols)
+
+    def captions(self, original: list[str] | np.ndarray) -> np.ndarray:
+        """The training captions as corrupted: ``original`` with the edits applied."""
+        out = np.asarray(original, dtype=object).copy()
+        if self.edits is not None:
+            edited = self.edits != ""
+            out[edited] = self.edits[edited]
+        return out
 
     @property
     def realised_rate(self) -> float:
@@ -191,8 +239,10 @@ class NoiseArtifact:
         # Each file is written atomically and meta.json last: a folder with meta.json holds a whole artifact.
         # meta.json records each file's hash, so a file changed or replaced later is refused on reuse.
         hashes = {}
-        for name, arr in (("perm.npy", self.perm), ("noisy_mask.npy", self.noisy_mask),
-                          ("keys.npy", self.keys.astype(str))):
+        files = [("perm.npy", self.perm), ("noisy_mask.npy", self.noisy_mask), ("keys.npy", self.keys.astype(str))]
+        if self.edits is not None:
+            files.append(("edits.npy", self.edits.astype(str)))
+        for name, arr in files:
             with atomic_path(folder / name) as tmp:
                 np.save(tmp, arr)
             hashes[name] = file_sha256(folder / name)
@@ -219,7 +269,8 @@ class NoiseArtifact:
         if not isinstance(meta, dict) or not isinstance(meta.get("N"), int):
             raise bad("meta.json has no N")
         arrays = {}
-        for name in ARTIFACT_FILES:
+        edited = "edits.npy" in (meta.get("sha256") or {})
+        for name in ARTIFACT_FILES + (("edits.npy",) if edited else ()):
             try:
                 arrays[name] = np.load(folder / name, allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
@@ -227,7 +278,8 @@ class NoiseArtifact:
         for name, digest in (meta.get("sha256") or {}).items():
             if file_sha256(folder / name) != digest:
                 raise bad(f"{name} differs from the file meta.json recorded (changed after it was written)")
-        art = cls(keys=arrays["keys.npy"], perm=arrays["perm.npy"], noisy_mask=arrays["noisy_mask.npy"], meta=meta)
+        art = cls(keys=arrays["keys.npy"], perm=arrays["perm.npy"], noisy_mask=arrays["noisy_mask.npy"], meta=meta,
+                  edits=arrays["edits.npy"].astype(object) if edited else None)
         problem = art.inconsistency()
         if problem:
             raise bad(problem)
@@ -236,13 +288,17 @@ class NoiseArtifact:
     def inconsistency(self) -> str | None:
         """What contradicts the artifact's own record, or None."""
         n = self.meta["N"]
-        for name, arr in (("perm", self.perm), ("noisy_mask", self.noisy_mask), ("keys", self.keys)):
+        arrays = [("perm", self.perm), ("noisy_mask", self.noisy_mask), ("keys", self.keys)]
+        for name, arr in arrays + ([("edits", self.edits)] if self.edits is not None else []):
             if arr.ndim != 1 or len(arr) != n:
                 return f"{name}.npy has shape {arr.shape}, meta.json says N={n}"
         if not np.issubdtype(self.perm.dtype, np.integer) or (n and (self.perm.min() < 0 or self.perm.max() >= n)):
             return f"perm.npy is not a list of image indices in [0, {n})"
-        if self.noisy_mask.dtype != bool or not np.array_equal(self.noisy_mask, self.perm != np.arange(n)):
-            return "noisy_mask.npy does not mark the captions that perm.npy moves"
+        wrong = self.perm != np.arange(n)
+        if self.edits is not None:
+            wrong = wrong | (self.edits != "")
+        if self.noisy_mask.dtype != bool or not np.array_equal(self.noisy_mask, wrong):
+            return "noisy_mask.npy does not mark the captions that perm.npy moves or edits.npy edits"
         if int(self.noisy_mask.sum()) != self.meta.get("num_noisy", int(self.noisy_mask.sum())):
             return f"{int(self.noisy_mask.sum())} noisy captions, meta.json says {self.meta.get('num_noisy')}"
         if fingerprint(self.keys) != self.meta.get("fingerprint"):
@@ -277,11 +333,13 @@ def build_or_load(
     derangement: bool = False,
     *,
     n_clusters: int | None = None,
+    concepts: list[str] | None = None,
 ) -> tuple[NoiseArtifact, Path, bool]:
     """Reuse the artifact for (dataset, protocol, rate, seed) if present, else create and save it.
 
     Returns ``(artifact, folder, reused)``. A stored artifact whose dataset fingerprint differs is refused.
-    ``semantic`` clusters ``captions`` (required) into ``n_clusters`` (part of the artifact name when given).
+    ``semantic`` clusters ``captions`` (required) into ``n_clusters`` (part of the artifact name when given);
+    ``concept`` edits ``captions`` (required) with the names in ``concepts``.
     """
     keys = np.asarray([str(k) for k in keys])
     fp = fingerprint(keys)
@@ -295,13 +353,20 @@ def build_or_load(
                 "delete it or point paths.noise_dir elsewhere"
             )
         return art, folder, True
-    perm, noisy = make_noise(len(keys), rate, protocol, seed, derangement=derangement,
-                             captions=captions if protocol == "semantic" else None, n_clusters=n_clusters)
+    edits = None
+    if protocol in TEXT_PROTOCOLS:
+        edits = replace_concepts(list(captions), rate, seed, concepts or [])
+        perm, noisy = np.arange(len(keys), dtype=np.int64), edits != ""
+    else:
+        perm, noisy = make_noise(len(keys), rate, protocol, seed, derangement=derangement,
+                                 captions=captions if protocol == "semantic" else None, n_clusters=n_clusters)
     text_rate = None
     if captions is not None:
-        # Web data repeats captions: the caption text of a corrupted pair may be identical to the true one.
+        # Web data repeats captions: the caption text of a corrupted pair may be identical to the true one
+        # (the caption shown against the true caption of the image it is shown with).
         captions = np.asarray(captions, dtype=object)
-        text_rate = float(np.mean(captions[perm] != captions)) if len(keys) else 0.0
+        shown = captions if edits is None else NoiseArtifact(keys, perm, noisy, {}, edits).captions(captions)
+        text_rate = float(np.mean(shown != captions[perm])) if len(keys) else 0.0
     meta = {
         "dataset": dataset, "protocol": protocol, "rate": rate, "seed": seed, "derangement": derangement,
         "N": len(keys), "fingerprint": fp, "realised_rate": float(noisy.mean()) if len(keys) else 0.0,
@@ -309,6 +374,6 @@ def build_or_load(
     }
     if protocol == "semantic":
         meta["n_clusters"] = n_clusters
-    art = NoiseArtifact(keys=keys, perm=perm, noisy_mask=noisy, meta=meta)
+    art = NoiseArtifact(keys=keys, perm=perm, noisy_mask=noisy, meta=meta, edits=edits)
     art.save(folder)
     return art, folder, False

@@ -30,9 +30,10 @@ from ncu.files import remove_stale_temporaries, temporary_prefix
 GENERATOR_VERSION = 1
 PREFIXES = ("an icon of ", "a picture of ", "a drawing of ")
 PARAMS = ("n_concepts", "n_train", "n_val", "n_test", "image_size", "max_objects", "prefix_prob",
-          "zs_per_concept", "max_name_words", "seed")
+          "zs_per_concept", "max_name_words", "seed", "train_size")
 DEFAULTS = {"n_concepts": 100, "n_train": 4000, "n_val": 400, "n_test": 800, "image_size": 64,
-            "max_objects": 3, "prefix_prob": 0.33, "zs_per_concept": 2, "max_name_words": 3, "seed": 0}
+            "max_objects": 3, "prefix_prob": 0.33, "zs_per_concept": 2, "max_name_words": 3, "seed": 0,
+            "train_size": None}
 
 
 def params_of(cfg: dict) -> dict:
@@ -41,12 +42,17 @@ def params_of(cfg: dict) -> dict:
     for k in ("n_concepts", "n_train", "n_val", "n_test", "image_size", "max_objects", "zs_per_concept"):
         if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < 1:
             raise ValueError(f"data.{k}={out[k]!r} is invalid: it must be a positive integer")
+    size = out["train_size"]
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"data.train_size={size!r} is invalid: it must be null or a positive integer")
     if not 0 <= out["prefix_prob"] <= 1:
         raise ValueError(f"data.prefix_prob={out['prefix_prob']!r} is invalid: it must be in [0, 1]")
     return out
 
 
 def scene_key(params: dict) -> str:
+    # train_size joined the parameters later: unset, the key (and the cached set) is the one from before.
+    params = {k: v for k, v in params.items() if not (k == "train_size" and v is None)}
     spec = json.dumps({**params, "version": GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha1(spec.encode()).hexdigest()[:10]
 
@@ -134,9 +140,12 @@ def generate(params: dict, out_dir: Path, style: str = "twemoji") -> pd.DataFram
     rows, left_out = [], {}
     evaluation_only = style != "twemoji"
 
-    def emit(split: str, key: str, stem: str, combo: tuple[int, ...], caption: str, category: str) -> None:
-        boxes = layout(len(combo), rng, p["image_size"])  # drawn even for a pair left out: same later draws
-        if evaluation_only and split == "train":
+    size = p["train_size"] or p["n_train"]
+
+    def emit(split: str, key: str, stem: str, combo: tuple[int, ...], caption: str, category: str,
+             draws: np.random.Generator = rng, keep: bool = True) -> None:
+        boxes = layout(len(combo), draws, p["image_size"])  # drawn even for a pair left out: same later draws
+        if not keep or (evaluation_only and split == "train"):
             return
         if any(sprites[c] is None for c in combo):
             left_out[split] = left_out.get(split, 0) + 1
@@ -145,14 +154,24 @@ def generate(params: dict, out_dir: Path, style: str = "twemoji") -> pd.DataFram
         compose([sprites[c] for c in combo], boxes, p["image_size"]).save(file)
         rows.append((key, f"images/{file.name}", caption, category, key, split))
 
-    for split, combos in (("train", train), ("val", val), ("test", test)):
-        for i, combo in enumerate(combos):
-            prefix = PREFIXES[int(rng.integers(len(PREFIXES)))] if rng.random() < p["prefix_prob"] else ""
+    def emit_pairs(split: str, combos: list[tuple[int, ...]], draws: np.random.Generator, start: int = 0) -> None:
+        for i, combo in enumerate(combos, start):
+            prefix = PREFIXES[int(draws.integers(len(PREFIXES)))] if draws.random() < p["prefix_prob"] else ""
             emit(split, f"scenes:{split}:{i:05d}", f"{split}_{i:05d}", combo,
-                 caption_of([names[c] for c in combo], prefix), names[combo[0]])
+                 caption_of([names[c] for c in combo], prefix), names[combo[0]], draws,
+                 keep=split != "train" or i < size)
+
+    for split, combos in (("train", train), ("val", val), ("test", test)):
+        emit_pairs(split, combos, rng)
     for c, name in enumerate(names):
         for j in range(p["zs_per_concept"]):
             emit("zeroshot", f"scenes:zeroshot:{c:03d}_{j}", f"zeroshot_{c:03d}_{j}", (c,), name, name)
+    if size > p["n_train"]:
+        # More training pairs than n_train: drawn from a stream of their own after everything else, so the
+        # evaluation sets stay those of n_train, and never one of their compositions.
+        extra = np.random.default_rng([p["seed"], 8])
+        emit_pairs("train", _compositions(extra, size - p["n_train"], len(names), sizes_all, set(val) | set(test),
+                                          unique=False), extra, start=p["n_train"])
     frame = pd.DataFrame(rows, columns=["key", "image", "caption", "category", "group", "split"])
     frame.to_csv(out_dir / "pairs.csv", index=False)
     (out_dir / "params.json").write_text(json.dumps({**p, "version": GENERATOR_VERSION}, indent=2))
@@ -212,8 +231,9 @@ def shifted_scene_pairs(cfg: dict, cache_dir: str | os.PathLike, style: str) -> 
 
     params = params_of(cfg)
     version = hashlib.sha1(STYLES[style].version().encode()).hexdigest()[:6]
-    folder = Path(cache_dir) / f"scenes-{scene_key(params)}-{style}-{version}"
-    _generated(folder, lambda tmp: generate(params, tmp, style))
+    # The evaluation sets do not depend on the training size: every train_size shares one shifted set.
+    folder = Path(cache_dir) / f"scenes-{scene_key({**params, 'train_size': None})}-{style}-{version}"
+    _generated(folder, lambda tmp: generate({**params, 'train_size': None}, tmp, style))
     frame = _read(folder)
     frame.attrs["style"] = json.loads((folder / "style.json").read_text())
     return frame

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ def create(
     pretrained: str | None = None,
     aug_cfg: dict | None = None,
     trusted: bool = False,
+    logit_scale: float | None = None,
     **kwargs: Any,
 ) -> ModelBundle:
     """Build an open_clip model with its transforms and tokenizer.
@@ -134,13 +136,16 @@ def create(
     ``train.py`` (its CLIP weights are loaded). A ``LaCLIP-*`` name gets LaCLIP's preprocessing, and a file
     that is not one of our ``.ckpt`` is read in LaCLIP's own checkpoint format (``ncu.models.laclip``).
     Every file is read with ``torch.load(weights_only=True)`` unless ``trusted``: one holding other objects is
-    refused (``CheckpointError``), as unpickling them can run code.
+    refused (``CheckpointError``), as unpickling them can run code. ``logit_scale`` is the scale s a model
+    built from scratch starts from (open_clip's ``init_logit_scale`` is its log); None keeps the architecture's.
     """
     check_model_name(name)
     ours = pretrained is not None and _is_lightning_ckpt(str(pretrained))
     if pretrained is not None and (ours or Path(str(pretrained)).suffix) and not Path(str(pretrained)).exists():
         raise FileNotFoundError(f"model.pretrained file not found: {pretrained}")
     laclip = str(name).startswith("LaCLIP-")
+    if logit_scale is not None:
+        kwargs = {**kwargs, "init_logit_scale": math.log(logit_scale)}
     if laclip:
         kwargs = {**LACLIP_PREPROCESS, **kwargs}
     try:
