@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from ncu.eval import plots
-from ncu.objectives import ncu as ncu_obj
 
 
 def _wandb(trainer: L.Trainer) -> WandbLogger | None:
@@ -42,14 +40,13 @@ class DashboardImages(L.Callback):
         stem = f"{module.stage_name}_e{trainer.current_epoch}"
         images = {"train/nc_score_hist": plots.score_histogram(scores, noisy, self.tmp / f"hist_{stem}.png",
                                                                 title=f"{module.stage_name}: NC score")}
-        v, t, tn, flagged = module.last_batch
-        sim = v @ t.T
-        images["train/similarity"] = plots.heatmap(sim, self.tmp / f"sim_{stem}.png", "image-text cosine")
-        if module.stage.get("objective") == "ncu_unlearn" and module.method.get("gamma", 0) > 0:
-            A = torch.cat([sim, (v * tn).sum(-1, keepdim=True)], 1) if tn is not None else sim
-            u = module.method["unlearn"]
-            yv, _ = ncu_obj.ot_targets(A, flagged, module.method["gamma"], module.solver, use_hn=tn is not None,
-                                       normalize_t2v=u["normalize_t2v"], reuse_transpose=u["reuse_transpose"])
+        batch = module.last_batch
+        images["train/similarity"] = plots.heatmap(batch.v @ batch.t.T, self.tmp / f"sim_{stem}.png",
+                                                   "image-text cosine")
+        # The objective's own targets with the options its loss used: the picture cannot drift from the loss.
+        targets = module.objective.targets
+        yv = targets(batch, **module.objective_options) if targets is not None else None
+        if yv is not None:
             images["train/ot_targets"] = plots.heatmap(yv, self.tmp / f"ot_{stem}.png",
                                                        "OT soft targets (last column: own hardest negative)")
         for key, path in images.items():

@@ -1,10 +1,7 @@
 """The names a config may choose from, kept free of heavy imports so that start-up checks are fast."""
 from __future__ import annotations
 
-OBJECTIVES = ("clip", "filter", "grad_ascent", "ncu_hn", "ncu_unlearn")
 DETECTORS = ("batch", "oracle", "gmm", "ema")
-# Objectives that use the flags (the others only measure them).
-FLAG_OBJECTIVES = ("filter", "grad_ascent", "ncu_hn", "ncu_unlearn")
 DETECTION_SOURCES = ("running", "pass")
 DETECTION_CUTS = ("gmm", "quota")
 ANCHORS = ("none", "band")

@@ -14,9 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAG_OBJECTIVES, FLAGGED_CAPTIONS,
-                         HN_CAPACITIES, NC_COUNTS, NEGATION_HEADS, NEGATION_MODES, NOISE_PROTOCOLS, OBJECTIVES,
+from ncu.choices import (ANCHORS, DETECTION_CUTS, DETECTION_SOURCES, DETECTORS, FLAGGED_CAPTIONS,
+                         HN_CAPACITIES, NC_COUNTS, NEGATION_HEADS, NEGATION_MODES, NOISE_PROTOCOLS,
                          SHIFT_STYLES, SINKHORN_STOPS)
+from ncu import objectives
 from ncu.errors import ConfigError, InputError  # noqa: F401 - the entry points import them from here
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -357,7 +358,7 @@ def _warn_empty_quota(cfg: DictConfig, plan: list[tuple[str, dict]]) -> None:
     method = cfg.method
     if method.get("detector", "batch") != "batch":
         return
-    acting = [name for name, stage in plan if stage["objective"] in FLAG_OBJECTIVES]
+    acting = [name for name, stage in plan if stage["objective"] in objectives.flag_objectives()]
     ratio, batch = method.get("nc_ratio", 0.0), cfg.data.batch_size
     k = int(ratio * batch) if method.get("nc_count") == "truncate" else math.floor(ratio * batch + 1e-9)
     if acting and k == 0:
@@ -535,7 +536,7 @@ def _validate_solver(cfg: DictConfig) -> None:
 
 def _validate_stage(name: str, stage: dict) -> None:
     where = f"stage {name!r}"
-    _choice(stage["objective"], f"{where}: objective", OBJECTIVES)
+    _choice(stage["objective"], f"{where}: objective", tuple(objectives.REGISTRY))
     if not isinstance(stage["epochs"], int) or isinstance(stage["epochs"], bool) or stage["epochs"] < 1:
         raise ConfigError(f"{where}: epochs={stage['epochs']!r} must be a positive integer")
     _number(stage["lr"], f"{where}: lr", low=0, low_open=True)
@@ -550,7 +551,7 @@ def _validate_stage(name: str, stage: dict) -> None:
         _choice(stage["detector"], f"{where}: detector", DETECTORS)
     flag_after = stage.get("flag_after", 0)
     _number(flag_after, f"{where}: flag_after", low=0, integer=True)
-    if flag_after >= stage["epochs"] and stage["objective"] in FLAG_OBJECTIVES:
+    if flag_after >= stage["epochs"] and stage["objective"] in objectives.flag_objectives():
         raise ConfigError(f"{where}: flag_after={flag_after} warm-up epochs leave none of its {stage['epochs']} "
                           "epochs to act on the flags")
     detection = stage.get("detection") or {}

@@ -15,10 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from open_clip.loss import ClipLoss
 
 from ncu import detectors, stages
-from ncu.choices import ANCHORS, DETECTORS, FLAG_OBJECTIVES, NEGATION_HEADS, OBJECTIVES
+from ncu.choices import ANCHORS, DETECTORS, NEGATION_HEADS
 from ncu.data.datamodule import batch_size_of
 from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
@@ -26,7 +25,7 @@ from ncu.eval.retrieval import retrieval_metrics
 from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
 from ncu.models.negation import (NegationHead, NegationPrompt, anchor_at_angle, build_negated_tokens,
                                  negated_text_features, text_tower)
-from ncu.objectives import baselines
+from ncu import objectives
 from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
 
@@ -123,6 +122,8 @@ class CLIPUnlearner(L.LightningModule):
         self.pass_seconds = float("nan")
         self._epoch_start = time.perf_counter()
         self.stage_name, self.stage, self.stage_index = "none", {}, None
+        # Before set_stage (a module driven by hand, an evaluation): plain InfoNCE, acting on no flags.
+        self.objective, self.objective_options = objectives.get("clip"), {}
         # The current stage's compute: training pairs seen (all ranks) and wall seconds of its fits (with their
         # scoring passes); saved in checkpoints, so a resumed stage and a cached pre-training keep their cost.
         self.cost = {"samples": 0, "seconds": 0.0}
@@ -132,7 +133,7 @@ class CLIPUnlearner(L.LightningModule):
         self.last_eval: dict[str, float] = {}
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.epoch_scores: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last_batch: tuple | None = None
+        self.last_batch: objectives.Batch | None = None
         self.last_val_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self.classnames: list[str] = []
         self.eval_labels: dict[str, torch.Tensor] = {}
@@ -144,17 +145,21 @@ class CLIPUnlearner(L.LightningModule):
 
     # ----- stages -----------------------------------------------------------------------------------
     def set_stage(self, name: str, stage: dict) -> list[str]:
-        objective = stage["objective"]
-        if objective not in OBJECTIVES:
-            raise ValueError(f"stage {name!r}: unknown objective {objective!r}; choose from {OBJECTIVES}")
-        if objective == "ncu_hn" and self.negation_mode == "none":
-            raise ValueError(f"stage {name!r}: objective ncu_hn needs method.negation.mode=prompt or template")
+        try:
+            objective = objectives.get(stage["objective"])
+        except ValueError as e:
+            raise ValueError(f"stage {name!r}: {e}") from None
+        if objective.negation == "required" and self.negation_mode == "none":
+            raise ValueError(f"stage {name!r}: objective {objective.name} needs method.negation.mode=prompt or "
+                             "template")
         self.stage_name, self.stage = name, dict(stage)
+        # What the step calls, with its options read once for the stage (the dashboard uses the same).
+        self.objective, self.objective_options = objective, objective.options(self.method, self.solver)
         self.cost = {"samples": 0, "seconds": 0.0}
         # A stage may bring its own detector settings (a robust pre-training): over the method's.
         self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {}), **(stage.get("detection") or {})}
         freeze = list(stage.get("freeze", []))
-        if objective != "ncu_hn":  # the negated path is learned in the hardest-negative stage only
+        if not objective.learns_negation:  # the negated path is learned in the hardest-negative stage only
             freeze += [p for p, m in (("prompt.*", self.prompt), ("negation_head.*", self.negation_head))
                        if m is not None]
         if stage.get("freeze_token_embedding"):
@@ -162,7 +167,7 @@ class CLIPUnlearner(L.LightningModule):
         n_blocks = text_blocks_to_freeze(self.model, stage.get("freeze_text_blocks", 0))
         freeze += [f"model.{text_prefix(self.model)}transformer.resblocks.{i}.*" for i in range(n_blocks)]
         train = list(stage.get("train", ["*"]))
-        if objective == "ncu_hn" and self.negation_head is not None:
+        if objective.learns_negation and self.negation_head is not None:
             train.append("negation_head.*")  # part of the negated path: learned with the prompt
         return stages.set_trainable(self, train, freeze, stage.get("unfreeze", []))
 
@@ -261,7 +266,7 @@ class CLIPUnlearner(L.LightningModule):
             return self.quota(scores), scores
         if detector not in DETECTORS:
             raise ValueError(f"method.detector={detector!r} is unknown; choose from {DETECTORS}")
-        if self.stage.get("objective") not in FLAG_OBJECTIVES:  # flags unused here: the quota, for the metrics
+        if not self.objective.flags:  # flags unused here: the quota, for the metrics
             return self.quota(scores), scores
         if index is None or bool((index < 0).any()):
             raise ValueError(f"method.detector={detector!r} needs the sample index of every training pair")
@@ -395,8 +400,6 @@ class CLIPUnlearner(L.LightningModule):
 
     # ----- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        objective = self.stage["objective"]
-        m = self.method
         v_local = self.model.encode_image(batch["image"], normalize=True)
         t_local = self.model.encode_text(batch["text"], normalize=True)
         v, t = self.gather(v_local), self.gather(t_local)
@@ -409,39 +412,15 @@ class CLIPUnlearner(L.LightningModule):
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
         self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step
-        parts: dict[str, torch.Tensor] = {}
         tn = None
-        if objective == "clip" and m.get("local_loss") and self._trainer is not None and self.trainer.world_size > 1:
-            # open_clip's local loss: each rank scores its own rows against the global batch (N/W x N logits).
-            loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=self.global_rank,
-                            world_size=self.trainer.world_size)(v_local, t_local, s)
-        elif objective == "clip":
-            loss = baselines.clip_loss(v, t, s)
-        elif objective == "filter":
-            loss = baselines.filter_loss(v, t, s, flagged)
-        elif objective == "grad_ascent":
-            ga = m.get("grad_ascent") or {}
-            loss = baselines.grad_ascent_loss(v, t, s, flagged, ga.get("weight", 1.0), ga.get("bound"))
-        else:
-            tn = (self.gather(self.negated_features(batch["caption"], t_local))
-                  if self.negation_mode != "none" else None)
-            if objective == "ncu_hn":
-                w = m["stage1"]
-                loss, parts = ncu_obj.stage1_loss(v, t, tn, s, ~flagged, w["w_cyc"], w["w_band"],
-                                                  w["w_sig_pos"], w["w_sig_neg"], tuple(m["band"]),
-                                                  detach_t=w.get("detach_t", False))
-            else:
-                u = m["unlearn"]
-                loss, parts = ncu_obj.stage2_loss(
-                    v, t, tn, s, flagged, m["gamma"], self.solver, use_hn=tn is not None,
-                    normalize_t2v=u["normalize_t2v"], reuse_transpose=u["reuse_transpose"],
-                    w_band=u["w_band"], band=tuple(m["band"]),
-                    flagged_captions=u.get("flagged_captions", "target"),
-                    hn_capacity=u.get("hn_capacity", "uniform"), w_flagged=u.get("w_flagged", 1.0),
-                    detach_hn=u.get("detach_hn", False))
+        if self.objective.negation != "none" and self.negation_mode != "none":
+            tn = self.gather(self.negated_features(batch["caption"], t_local))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, world)
+        loss, parts = self.objective.loss(features, **self.objective_options)
         # Kept (detached) for the dashboard images of the last batch of the epoch.
-        self.last_batch = (v.detach().float(), t.detach().float(),
-                           tn.detach().float() if tn is not None else None, flagged)
+        self.last_batch = objectives.Batch(v.detach().float(), t.detach().float(), s.detach(), flagged,
+                                           tn.detach().float() if tn is not None else None)
         self.stop_if_not_finite(loss, "the loss is")
         bs = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -476,7 +455,7 @@ class CLIPUnlearner(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._scores.clear()
         self.pass_seconds = float("nan")
-        if self.stage.get("objective") in FLAG_OBJECTIVES:
+        if self.objective.flags:
             self.refresh_flags()
         self._epoch_start = time.perf_counter()  # after the scoring pass: the epoch it is compared with
 

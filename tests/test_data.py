@@ -129,7 +129,8 @@ def test_concept_protocol_edits_training_captions_only(tmp_path):
     assert (changed == train.noisy).all()
 
     def concepts(caption: str) -> list[str]:
-        body = caption.split(" of ", 1)[1] if caption.startswith(("an icon of", "a picture of", "a drawing of")) else caption
+        prefixed = caption.startswith(("an icon of", "a picture of", "a drawing of"))
+        body = caption.split(" of ", 1)[1] if prefixed else caption
         return [x for part in body.split(", ") for x in part.split(" and ")]
 
     for k in np.flatnonzero(changed):

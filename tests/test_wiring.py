@@ -108,3 +108,33 @@ def test_training_step_loss_is_the_pure_objective_on_the_modules_own_features(ma
                                               flagged_captions=u["flagged_captions"], hn_capacity=u["hn_capacity"],
                                               w_flagged=u["w_flagged"], detach_hn=u["detach_hn"])
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_objective_is_one_registry_entry_and_one_method_setting(make_cfg):
+    """A toy objective registered here (not in the product): the config accepts it, the stage resolves it once
+    and the step returns its loss on the module's own features, with its options read from the method."""
+    from ncu import objectives
+    from ncu.config import validate
+
+    def align(b: objectives.Batch, weight: float) -> tuple[torch.Tensor, dict]:
+        gap = (b.v - b.t).pow(2).sum(1).mean()
+        return weight * gap, {"gap": gap.detach()}
+
+    objectives.register(objectives.Objective("toy_align", align, lambda m, solver: {"weight": m["gamma"]}))
+    try:
+        cfg = make_cfg("method=ncu", "method.stages.unlearn.objective=toy_align", "data.limit=96",
+                       "data.batch_size=32")
+        validate(cfg)
+        _, dm, module = build(cfg)
+        module.set_stage("unlearn", dict(plan_stages(cfg))["unlearn"])
+        assert module.objective.name == "toy_align" and module.objective_options == {"weight": cfg.method.gamma}
+        batch = next(iter(dm.train_dataloader()))
+        loss = module.training_step(batch, 0)
+        module.eval()  # the same forward (the towers have no dropout), without building a graph twice
+        v = module.model.encode_image(batch["image"], normalize=True)
+        t = module.model.encode_text(batch["text"], normalize=True)
+        assert float(loss.detach()) == pytest.approx(cfg.method.gamma * float((v - t).pow(2).sum(1).mean()), rel=1e-5)
+        loss.backward()
+        assert module.model.text_projection.grad.abs().sum() > 0
+    finally:
+        objectives.REGISTRY.pop("toy_align", None)
