@@ -331,6 +331,41 @@ def add_gains(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
     return names
 
 
+def add_versus(df: pd.DataFrame, metrics: Sequence[str], versus: dict[str, Any], pair_on: Sequence[str] = (),
+               seed_key: str = "seed") -> list[str]:
+    """Add ``vs/<m> = m - m of the reference run`` columns (per run); returns their names. The reference
+    runs are those whose overrides hold every ``key=value`` of ``versus``; a run is paired with the reference
+    of the same seed and the same values of the ``pair_on`` keys (runs without one get NaN). Paired by seed,
+    the difference is free of the spread between seeds, as the gains are."""
+    for key in [*versus, seed_key, *pair_on]:
+        if key not in df.columns:
+            raise ReportError(f"--versus/--pair-on: no run has the override {key!r}")
+    is_ref = np.ones(len(df), dtype=bool)
+    for key, value in versus.items():
+        is_ref &= np.array([_norm(v) == value for v in df[key].tolist()])
+    if not is_ref.any():
+        spec = ",".join(f"{k}={v}" for k, v in versus.items())
+        raise ReportError(f"--versus {spec}: no run has these overrides")
+    keys = [seed_key, *pair_on]
+
+    def pair(i: int) -> tuple[Any, ...]:
+        return tuple(_norm(df[k].iloc[i]) for k in keys)
+
+    refs: dict[tuple[Any, ...], int] = {}
+    for i in np.flatnonzero(is_ref):
+        if pair(i) in refs:
+            raise ReportError(f"--versus: two reference runs for {dict(zip(keys, pair(i)))} "
+                              f"({df['job_dir'].iloc[refs[pair(i)]]}, {df['job_dir'].iloc[i]}); add --pair-on keys")
+        refs[pair(i)] = int(i)
+    names = []
+    for m in metrics:
+        values = pd.to_numeric(df[m], errors="coerce").to_numpy(dtype=float)
+        ref = np.array([values[refs[pair(i)]] if pair(i) in refs else math.nan for i in range(len(df))])
+        df[f"vs/{m}"] = values - ref
+        names.append(f"vs/{m}")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -433,13 +468,16 @@ def write_report(
     ignore: Iterable[str] = (),
     plots: bool = True,
     gain: bool = False,
+    versus: dict[str, Any] | None = None,
+    pair_on: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Collect, summarise and write ``results.csv``, ``results.md`` and the plots.
 
     ``metrics=None`` picks the headline metrics (``all_metrics`` every metric). ``gain`` adds, for each
     chosen ``test/<m>`` whose run also has ``pretrain/<m>``, the per-run difference ``gain/<m>``: every run
     starts from its own seed's pre-trained model, so the paired gain is free of the spread between
-    pre-training seeds. Missing jobs are listed on stderr. Returns ``{"csv": ..., "md": ...,
+    pre-training seeds. ``versus`` (with ``pair_on``) adds ``vs/<m>``, each run against a reference run of
+    the same seed (``add_versus``). Missing jobs are listed on stderr. Returns ``{"csv": ..., "md": ...,
     "plot:<metric>": ...}``."""
     root = Path(sweep_dir)
     df = collect(root)
@@ -463,6 +501,8 @@ def write_report(
         raise ReportError(f"no metrics in the {METRICS} files under {root}")
     if gain:
         chosen += add_gains(df, chosen)
+    if versus:
+        chosen += add_versus(df, [m for m in chosen if not m.startswith("gain/")], versus, pair_on, seed_key)
     keys = swept_keys(df, seed_key=seed_key, ignore=ignore)
     summary = summarise(df, keys, chosen, seed_key=seed_key)
     out = Path(out_dir) if out_dir is not None else root
@@ -493,13 +533,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--gain", action="store_true",
                         help="also report gain/<m> = test/<m> - pretrain/<m> per run (paired with its own start)")
+    parser.add_argument("--versus", default=None, metavar="KEY=VALUE,...",
+                        help="also report vs/<m>: each run minus the run of the same seed with these overrides")
+    parser.add_argument("--pair-on", default="", help="override keys a run shares with its --versus reference "
+                                                      "besides the seed (comma-separated)")
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    versus = None
+    if args.versus:
+        try:
+            versus = {k.strip(): parse_value(v.strip()) for k, v in (item.split("=", 1) for item in
+                                                                     args.versus.split(",") if item.strip())}
+        except ValueError:
+            print(f"error: --versus {args.versus!r}: expected KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
+            raise SystemExit(1) from None
+    pair_on = [k.strip() for k in args.pair_on.split(",") if k.strip()]
     ignore = [k.strip() for item in args.ignore for k in item.split(",") if k.strip()]
     try:
         written = write_report(args.sweep_dir, args.out, metrics, all_metrics=args.all_metrics,
                                seed_key=args.seed_key, ignore=ignore, plots=not args.no_plots,
-                               gain=args.gain)
+                               gain=args.gain, versus=versus, pair_on=pair_on)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -195,3 +195,28 @@ def test_gain_is_the_per_run_difference_from_its_own_pretrained_model(tmp_path: 
     assert "gain/other_mean" not in csv.columns  # no pretrain/other to pair with
     with pytest.raises(report.ReportError, match="--gain needs"):
         report.write_report(tmp_path, metrics=["test/other"], gain=True, plots=False)
+
+
+def test_versus_pairs_each_run_with_the_reference_of_its_seed(tmp_path: Path) -> None:
+    values = _sweep(tmp_path)
+    df = report.collect(tmp_path)
+    names = report.add_versus(df, ["test/rsum"], {"method": "clip"}, pair_on=["noise.rate"])
+    assert names == ["vs/test/rsum"]
+    for rate in RATES:
+        for i, seed in enumerate(SEEDS):  # each ncu run minus the clip run of the same seed and rate
+            row = df[(df["method"] == "ncu") & (df["noise.rate"] == rate) & (df["seed"] == seed)]
+            want = values[("ncu", rate)]["test/rsum"][i] - values[("clip", rate)]["test/rsum"][i]
+            assert float(row["vs/test/rsum"].iloc[0]) == pytest.approx(want)
+    assert (df.loc[df["method"] == "clip", "vs/test/rsum"] == 0).all()
+    with pytest.raises(report.ReportError, match="two reference runs"):  # the rate must be paired on too
+        report.add_versus(report.collect(tmp_path), ["test/rsum"], {"method": "clip"})
+    with pytest.raises(report.ReportError, match="no run has these overrides"):
+        report.add_versus(df, ["test/rsum"], {"method": "filter"}, pair_on=["noise.rate"])
+    out = tmp_path / "out"
+    report.main([str(tmp_path), "--out", str(out), "--no-plots", "--metrics", "test/rsum", "--versus", "method=clip",
+                 "--pair-on", "noise.rate"])
+    table = pd.read_csv(out / "results.csv")
+    ncu = table[(table["method"] == "ncu") & (table["noise.rate"] == RATES[0])]
+    diffs = np.subtract(values[("ncu", RATES[0])]["test/rsum"], values[("clip", RATES[0])]["test/rsum"])
+    assert float(ncu["vs/test/rsum_mean"].iloc[0]) == pytest.approx(diffs.mean())
+    assert float(ncu["vs/test/rsum_std"].iloc[0]) == pytest.approx(diffs.std(ddof=1))
