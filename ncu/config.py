@@ -393,7 +393,7 @@ def _validate_model(cfg: DictConfig) -> None:
     if pretrained is not None and ("/" in str(pretrained) or Path(str(pretrained)).suffix):
         if not Path(str(pretrained)).exists():
             raise ConfigError(f"model.pretrained={pretrained!r}: file not found")
-    if cfg.model.logit_scale is not None:
+    if cfg.model.get("logit_scale") is not None:  # .get: configs saved before the option existed
         # The clamp every stage applies (unless it sets clamp_logit_scale: false) keeps s at most 100.
         _number(cfg.model.logit_scale, "model.logit_scale", low=0, low_open=True, high=100)
         if pretrained is not None:
@@ -426,6 +426,9 @@ def _validate_data(cfg: DictConfig) -> None:
                           f"data.source={data.get('source')!r} is read as it is (data.limit subsamples it)")
     if data.get("train_size") is not None:
         _number(data.train_size, "data.train_size", low=1, integer=True)
+    if cfg.noise.get("derangement") and cfg.noise.get("protocol") == "concept":
+        raise ConfigError("noise.derangement=true moves captions between images; noise.protocol=concept keeps every "
+                          "caption with its image (set noise.derangement=false)")
     if cfg.data.get("source") == "csv":
         path = OmegaConf.select(cfg, "data.path", throw_on_missing=False)
         if not path:

@@ -39,7 +39,7 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
     """Model (with its transforms and tokenizer), data module and Lightning module of a run config."""
     bundle = factory.create(cfg.model.name, cfg.model.pretrained,
                             aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}, resolve=True),
-                            trusted=cfg.trust_checkpoints, logit_scale=cfg.model.logit_scale)
+                            trusted=cfg.trust_checkpoints, logit_scale=cfg.model.get("logit_scale"))
     data = OmegaConf.to_container(cfg.data, resolve=True)
     dm = PairDataModule(data, OmegaConf.to_container(cfg.noise, resolve=True), batch_size=data["batch_size"],
                         eval_batch_size=data["eval_batch_size"], num_workers=data["num_workers"],

@@ -139,8 +139,41 @@ def test_concept_protocol_edits_training_captions_only(tmp_path):
         assert sum(a != b for a, b in zip(old, new)) == 1
 
 
+def _csv(tmp_path, captions, categories=None):
+    import pandas as pd
+    from PIL import Image
+
+    rows = []
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append({"image_path": str(tmp_path / f"{i}.png"), "caption": caption,
+                     **({"label": categories[i]} if categories else {})})
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    data = {"name": "csv", "source": "csv", "path": str(tmp_path / "pairs.csv"), "image_key": "image_path",
+            "caption_key": "caption", "category_key": "label" if categories else None, "val_frac": 0.1,
+            "test_frac": 0.2, "max_side": 8}
+    return PairDataModule(data, {"protocol": "concept", "rate": 0.4, "seed": 0}, batch_size=16,
+                          noise_dir=str(tmp_path / "noise"))
+
+
 def test_concept_protocol_needs_captions_that_name_a_category(tmp_path):
     from ncu.errors import DataError
 
-    with pytest.raises(DataError, match="no training caption .* names one"):
-        _dm(tmp_path, noise={"protocol": "concept", "rate": 0.4, "seed": 0})
+    captions = [f"a photo number {i}" for i in range(60)]
+    with pytest.raises(DataError, match="no training caption .* names one of its 2 category names"):
+        _csv(tmp_path, captions, ["animal", "plant"] * 30).setup()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match="has none .a category column is needed"):
+        _csv(tmp_path / "b", captions).setup()
+
+
+def test_concept_protocol_warns_when_few_captions_name_a_category(tmp_path, caplog):
+    # CSV categories in another case than the captions ("Dog" / "a dog"); only 1 in 6 captions names one.
+    captions = [f"a dog number {i}" if i % 6 == 0 else f"a photo number {i}" for i in range(60)]
+    dm = _csv(tmp_path, captions, ["Dog", "Cat"] * 30)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    art = dm.noise_artifact
+    assert art.meta["editable"] == int(art.noisy_mask.sum()) > 0  # every editable caption edited
+    assert "name a category, fewer than" in caplog.text
+    assert all(e.startswith("a Cat number") for e in art.edits if e)

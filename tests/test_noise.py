@@ -244,3 +244,21 @@ def test_concept_artifact_round_trip_and_training_captions(tmp_path):
     np.save(folder / "edits.npy", np.asarray(["x"] * len(caps)))
     with pytest.raises(ValueError, match="edits.npy differs"):
         NoiseArtifact.load(folder)
+
+
+def test_concept_protocol_matches_whole_words_in_any_case_and_replaces_every_mention():
+    concepts = ["cat", "shirt", "bell"]
+    caps = ["a cat chasing another Cat", "a t-shirt and a bell", "category of things", "bell"]
+    edits = replace_concepts(caps, 0.99, seed=0, concepts=concepts)
+    assert edits[2] == ""  # "category" names no concept
+    assert "cat" not in edits[0].lower().split() and edits[0].count(edits[0].split()[1]) == 2  # both mentions
+    assert edits[1].startswith("a t-shirt and a ")  # the hyphenated word is not "shirt"
+    assert edits[3] in ("cat", "shirt")
+
+
+def test_concept_artifact_needs_captions_and_refuses_derangement(tmp_path):
+    keys = [f"k{i}" for i in range(10)]
+    with pytest.raises(ValueError, match="needs the caption texts"):
+        build_or_load(tmp_path, "toy", keys, None, 0.3, "concept", concepts=CONCEPTS)
+    with pytest.raises(ValueError, match="derangement does not apply"):
+        build_or_load(tmp_path, "toy", keys, ["cat"] * 10, 0.3, "concept", derangement=True, concepts=CONCEPTS)

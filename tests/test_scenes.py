@@ -113,12 +113,19 @@ def test_train_size_keeps_the_evaluation_sets_of_n_train(tmp_path):
     def split(frame, name):
         return frame[frame["split"] == name].reset_index(drop=True)
 
-    for name in ("val", "test", "zeroshot"):  # the same pairs and the same pixels
+    def same_files(a, b) -> bool:
+        return all(open(x, "rb").read() == open(y, "rb").read() for x, y in zip(a["image"], b["image"]))
+
+    for name in ("val", "test", "zeroshot"):  # the same pairs and the same image files
         assert split(fewer, name)[cols].equals(split(base, name)[cols])
         assert split(more, name)[cols].equals(split(base, name)[cols])
-        for a, b in zip(split(more, name)["image"][:3], split(base, name)["image"][:3]):
-            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        assert same_files(split(more, name), split(base, name)) and same_files(split(fewer, name), split(base, name))
     train = split(base, "train")
+    assert same_files(split(more, "train").iloc[:120], train) and same_files(split(fewer, "train"), train.iloc[:50])
+    # sizes above n_train nest: the pairs of 160 are the first 160 of 200
+    mid = split(scene_pairs({**SMALL, "train_size": 160}, tmp_path), "train")
+    assert mid[cols].equals(split(more, "train")[cols].iloc[:160]) and same_files(mid, split(more, "train"))
+    assert scene_key(params_of({**SMALL, "train_size": 120})) == scene_key(params_of(SMALL))  # = n_train: same set
     assert split(fewer, "train")[cols].equals(train[cols].iloc[:50])
     extra = split(more, "train")
     assert len(extra) == 200 and extra[cols].iloc[:120].equals(train[cols])

@@ -279,15 +279,24 @@ class PairDataModule(L.LightningDataModule):
                 raise DataError(f"noise.protocol={protocol!r} replaces concepts named in captions by the data's "
                                 f"category names; {self._source_name()} has none (shards carry no categories)")
             concepts = sorted(str(c) for c in frame["category"].unique() if str(c) not in ("", "none"))
+            if not concepts:
+                raise DataError(f"noise.protocol={protocol!r} replaces concepts named in captions by the data's "
+                                f"category names; {self._source_name()} has none (a category column is needed)")
         self.noise_artifact, self.noise_folder, reused = noise_lib.build_or_load(
             self.noise_dir, self.dataset_key, train["key"].tolist(),
             train["caption"].tolist(), rate, protocol, self.noise_cfg.get("seed", 0),
             self.noise_cfg.get("derangement", False), concepts=concepts)
         log.info("noise artifact %s (%s): realised rate %.4f", self.noise_folder,
                  "reused" if reused else "created", self.noise_artifact.realised_rate)
-        if concepts is not None and rate > 0 and not self.noise_artifact.noisy_mask.any():
+        wanted = math.floor(rate * len(train))
+        editable = self.noise_artifact.meta.get("editable")
+        if concepts is not None and wanted > 0 and editable == 0:
             raise DataError(f"noise.protocol={protocol!r}: no training caption of {self._source_name()} names one "
                             f"of its {len(concepts)} category names (e.g. {concepts[:3]}), so none can be edited")
+        if concepts is not None and editable is not None and editable < wanted:
+            log.warning("noise.protocol=%s: only %d of the %d training captions name a category, fewer than the %d "
+                        "that noise.rate=%g asks for: all of them are edited (realised rate %.4f)", protocol,
+                        editable, len(train), wanted, rate, self.noise_artifact.realised_rate)
         return train.assign(caption=self.noise_artifact.captions(train["caption"].to_numpy()))
 
     def _source_name(self) -> str:

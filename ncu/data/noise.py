@@ -135,33 +135,52 @@ def make_noise(
     return perm, perm != t2i
 
 
+def _concept_pattern(names: list[str]) -> re.Pattern:
+    # Whole words, hyphenated ones included ("t-shirt" never reads as "shirt"), any case, longest name first.
+    alternation = "|".join(re.escape(c) for c in sorted(names, key=lambda c: (-len(c), c)))
+    return re.compile(r"(?<![\w-])(" + alternation + r")(?![\w-])", re.IGNORECASE)
+
+
+def concept_mentions(captions: list[str], concepts: list[str]) -> list[list[str]]:
+    """The concepts each caption names (as spelled in ``concepts``, each once, in order of first mention)."""
+    canon = {}
+    for c in concepts:
+        name = str(c).strip()
+        if name:
+            canon.setdefault(name.lower(), name)
+    if not canon:
+        return [[] for _ in captions]
+    pattern = _concept_pattern(list(canon.values()))
+    return [list(dict.fromkeys(canon[m.group(1).lower()] for m in pattern.finditer(str(c)))) for c in captions]
+
+
 def replace_concepts(captions: list[str], rate: float, seed: int, concepts: list[str]) -> np.ndarray:
     """Protocol ``concept``: the edited caption of each of floor(rate*N) captions, "" for the others.
 
-    A caption is editable when it names at least one of ``concepts`` (whole words, the longest name first, so
-    "cat face" is not read as "cat"); floor(rate*N) editable captions are drawn with ``seed`` (all of them if
-    fewer), one named concept of each is drawn and replaced by a concept drawn from those the caption does not
-    name. Every edited caption thus differs from its original in exactly one concept."""
+    A caption is editable when it names at least one of ``concepts`` (``concept_mentions``: whole words, any
+    case, the longest name first, so "cat face" is not read as "cat"); floor(rate*N) editable captions are drawn
+    with ``seed`` (all of them if fewer), one concept each names is drawn and every mention of it replaced by a
+    concept drawn from those the caption does not name. So an edited caption differs from its original in
+    exactly one concept (a caption naming one concept only becomes wholly wrong)."""
     rate = check_rate(rate)
-    names = sorted({str(c).strip() for c in concepts if str(c).strip()}, key=lambda c: (-len(c), c))
+    names = list(dict.fromkeys(str(c).strip() for c in concepts if str(c).strip()))
     edits = np.full(len(captions), "", dtype=object)
     if not names or rate == 0.0:
         return edits
-    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(c) for c in names) + r")(?!\w)")
-    found = [list(pattern.finditer(str(c))) for c in captions]
-    editable = np.flatnonzero([bool(m) for m in found])
+    mentions = concept_mentions(captions, names)
+    pattern = _concept_pattern(names)  # all names, so "cat" is never read inside "cat face"
+    editable = np.flatnonzero([bool(m) for m in mentions])
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(editable)[: math.floor(rate * len(captions))]
     for k in np.sort(chosen):
-        matches = found[k]
-        hit = matches[int(rng.integers(len(matches)))]
-        named = {m.group(1) for m in matches}
-        others = [c for c in names if c not in named]
+        named = mentions[k]
+        old = named[int(rng.integers(len(named)))]
+        taken = {c.lower() for c in named}
+        others = [c for c in names if c.lower() not in taken]
         if not others:
             continue
         new = others[int(rng.integers(len(others)))]
-        text = str(captions[k])
-        edits[k] = text[: hit.start()] + new + text[hit.end():]
+        edits[k] = pattern.sub(lambda m: new if m.group(1).lower() == old.lower() else m.group(0), str(captions[k]))
     return edits
 
 
@@ -355,6 +374,10 @@ def build_or_load(
         return art, folder, True
     edits = None
     if protocol in TEXT_PROTOCOLS:
+        if captions is None or len(captions) != len(keys):
+            raise ValueError(f"noise.protocol {protocol!r} needs the caption texts (captions=, one per key)")
+        if derangement:
+            raise ValueError(f"noise.protocol {protocol!r} keeps captions with their images: derangement does not apply")
         edits = replace_concepts(list(captions), rate, seed, concepts or [])
         perm, noisy = np.arange(len(keys), dtype=np.int64), edits != ""
     else:
@@ -374,6 +397,9 @@ def build_or_load(
     }
     if protocol == "semantic":
         meta["n_clusters"] = n_clusters
+    if protocol in TEXT_PROTOCOLS:  # how many captions could be edited at all: the realised rate's ceiling
+        meta["editable"] = int(sum(bool(m) for m in concept_mentions(list(captions), concepts or [])))
+        meta["concepts"] = len(set(concepts or []))
     art = NoiseArtifact(keys=keys, perm=perm, noisy_mask=noisy, meta=meta, edits=edits)
     art.save(folder)
     return art, folder, False

@@ -45,6 +45,8 @@ def params_of(cfg: dict) -> dict:
     size = out["train_size"]
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise ValueError(f"data.train_size={size!r} is invalid: it must be null or a positive integer")
+    if size == out["n_train"]:
+        out["train_size"] = None  # the same set: the same cache key
     if not 0 <= out["prefix_prob"] <= 1:
         raise ValueError(f"data.prefix_prob={out['prefix_prob']!r} is invalid: it must be in [0, 1]")
     return out
@@ -169,9 +171,11 @@ def generate(params: dict, out_dir: Path, style: str = "twemoji") -> pd.DataFram
     if size > p["n_train"]:
         # More training pairs than n_train: drawn from a stream of their own after everything else, so the
         # evaluation sets stay those of n_train, and never one of their compositions.
-        extra = np.random.default_rng([p["seed"], 8])
-        emit_pairs("train", _compositions(extra, size - p["n_train"], len(names), sizes_all, set(val) | set(test),
-                                          unique=False), extra, start=p["n_train"])
+        # Each drawn with its prefix and placement before the next: a smaller train_size is a prefix of a larger.
+        extra, evaluation = np.random.default_rng([p["seed"], 8]), set(val) | set(test)
+        for i in range(p["n_train"], size):
+            emit_pairs("train", _compositions(extra, 1, len(names), sizes_all, evaluation, unique=False), extra,
+                       start=i)
     frame = pd.DataFrame(rows, columns=["key", "image", "caption", "category", "group", "split"])
     frame.to_csv(out_dir / "pairs.csv", index=False)
     (out_dir / "params.json").write_text(json.dumps({**p, "version": GENERATOR_VERSION}, indent=2))
