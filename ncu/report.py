@@ -347,20 +347,17 @@ def add_versus(df: pd.DataFrame, metrics: Sequence[str], versus: dict[str, Any],
         spec = ",".join(f"{k}={v}" for k, v in versus.items())
         raise ReportError(f"--versus {spec}: no run has these overrides")
     keys = [seed_key, *pair_on]
-
-    def pair(i: int) -> tuple[Any, ...]:
-        return tuple(_norm(df[k].iloc[i]) for k in keys)
-
+    pairs = list(zip(*([_norm(v) for v in df[k].tolist()] for k in keys)))  # each run's (seed, pair_on values)
     refs: dict[tuple[Any, ...], int] = {}
     for i in np.flatnonzero(is_ref):
-        if pair(i) in refs:
-            raise ReportError(f"--versus: two reference runs for {dict(zip(keys, pair(i)))} "
-                              f"({df['job_dir'].iloc[refs[pair(i)]]}, {df['job_dir'].iloc[i]}); add --pair-on keys")
-        refs[pair(i)] = int(i)
+        if pairs[i] in refs:
+            raise ReportError(f"--versus: two reference runs for {dict(zip(keys, pairs[i]))} "
+                              f"({df['job_dir'].iloc[refs[pairs[i]]]}, {df['job_dir'].iloc[i]}); add --pair-on keys")
+        refs[pairs[i]] = int(i)
     names = []
     for m in metrics:
         values = pd.to_numeric(df[m], errors="coerce").to_numpy(dtype=float)
-        ref = np.array([values[refs[pair(i)]] if pair(i) in refs else math.nan for i in range(len(df))])
+        ref = np.array([values[refs[key]] if key in refs else math.nan for key in pairs])
         df[f"vs/{m}"] = values - ref
         names.append(f"vs/{m}")
     return names

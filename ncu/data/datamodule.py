@@ -275,10 +275,8 @@ class PairDataModule(L.LightningDataModule):
         protocol, rate = self.noise_cfg.get("protocol", "caption"), self.noise_cfg.get("rate", 0.0)
         concepts = None
         if protocol in noise_lib.TEXT_PROTOCOLS:
-            if "category" not in frame.columns:
-                raise DataError(f"noise.protocol={protocol!r} replaces concepts named in captions by the data's "
-                                f"category names; {self._source_name()} has none (shards carry no categories)")
-            concepts = sorted(str(c) for c in frame["category"].unique() if str(c) not in ("", "none"))
+            categories = frame["category"].unique() if "category" in frame.columns else []  # shards carry none
+            concepts = sorted(str(c) for c in categories if str(c) not in ("", "none"))
             if not concepts:
                 raise DataError(f"noise.protocol={protocol!r} replaces concepts named in captions by the data's "
                                 f"category names; {self._source_name()} has none (a category column is needed)")

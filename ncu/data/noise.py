@@ -154,20 +154,22 @@ def concept_mentions(captions: list[str], concepts: list[str]) -> list[list[str]
     return [list(dict.fromkeys(canon[m.group(1).lower()] for m in pattern.finditer(str(c)))) for c in captions]
 
 
-def replace_concepts(captions: list[str], rate: float, seed: int, concepts: list[str]) -> np.ndarray:
+def replace_concepts(captions: list[str], rate: float, seed: int, concepts: list[str],
+                     mentions: list[list[str]] | None = None) -> np.ndarray:
     """Protocol ``concept``: the edited caption of each of floor(rate*N) captions, "" for the others.
 
     A caption is editable when it names at least one of ``concepts`` (``concept_mentions``: whole words, any
     case, the longest name first, so "cat face" is not read as "cat"); floor(rate*N) editable captions are drawn
     with ``seed`` (all of them if fewer), one concept each names is drawn and every mention of it replaced by a
     concept drawn from those the caption does not name. So an edited caption differs from its original in
-    exactly one concept (a caption naming one concept only becomes wholly wrong)."""
+    exactly one concept (a caption naming one concept only becomes wholly wrong). ``mentions``: the captions'
+    ``concept_mentions`` when the caller has them already."""
     rate = check_rate(rate)
     names = list(dict.fromkeys(str(c).strip() for c in concepts if str(c).strip()))
     edits = np.full(len(captions), "", dtype=object)
     if not names or rate == 0.0:
         return edits
-    mentions = concept_mentions(captions, names)
+    mentions = concept_mentions(captions, names) if mentions is None else mentions
     pattern = _concept_pattern(names)  # all names, so "cat" is never read inside "cat face"
     editable = np.flatnonzero([bool(m) for m in mentions])
     rng = np.random.default_rng(seed)
@@ -378,7 +380,8 @@ def build_or_load(
             raise ValueError(f"noise.protocol {protocol!r} needs the caption texts (captions=, one per key)")
         if derangement:
             raise ValueError(f"noise.protocol {protocol!r} keeps captions with their images: derangement does not apply")
-        edits = replace_concepts(list(captions), rate, seed, concepts or [])
+        mentions = concept_mentions(list(captions), concepts or [])  # one scan: the edits and the editable count
+        edits = replace_concepts(list(captions), rate, seed, concepts or [], mentions)
         perm, noisy = np.arange(len(keys), dtype=np.int64), edits != ""
     else:
         perm, noisy = make_noise(len(keys), rate, protocol, seed, derangement=derangement,
@@ -398,7 +401,7 @@ def build_or_load(
     if protocol == "semantic":
         meta["n_clusters"] = n_clusters
     if protocol in TEXT_PROTOCOLS:  # how many captions could be edited at all: the realised rate's ceiling
-        meta["editable"] = int(sum(bool(m) for m in concept_mentions(list(captions), concepts or [])))
+        meta["editable"] = int(sum(bool(m) for m in mentions))
         meta["concepts"] = len(set(concepts or []))
     art = NoiseArtifact(keys=keys, perm=perm, noisy_mask=noisy, meta=meta, edits=edits)
     art.save(folder)
