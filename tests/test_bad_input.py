@@ -44,6 +44,7 @@ def test_the_defaults_and_the_shipped_methods_pass():
         validate(compose_cfg([f"solver={solver}"]))
 
 
+@pytest.mark.slow
 def test_the_light_model_list_is_open_clips():
     # In a fresh process: other tests register extra architectures in this one.
     code = ("import open_clip; from ncu.models.factory import register_configs; from ncu.config import "

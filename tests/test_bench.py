@@ -13,6 +13,7 @@ from ncu import bench
 RATIO_LINE = re.compile(r"^(\S+): (\d+\.\d+)$")
 
 
+@pytest.mark.slow
 def test_speed_quick_ends_with_the_three_ratio_lines(capsys):
     code = bench.main(["speed", "--quick", "--model", "ncu-micro", "--steps", "2", "--warmup", "1",
                        "--device", "cpu"])

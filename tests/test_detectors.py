@@ -82,6 +82,7 @@ def test_history_is_an_ema_of_log_scores_by_sample_over_every_step():
     assert torch.isnan(module.sample_history[[i for i in range(n) if ref[i] is None]]).all()
 
 
+@pytest.mark.slow
 def test_the_history_spans_pretraining_and_travels_with_the_pretraining_cache(make_cfg):
     """Pre-training (a stage that flags nothing) records every sample's history; the cache carries it, a run
     loading the cache starts from it, and fine-tuning folds its own steps in."""
@@ -103,6 +104,7 @@ def test_the_history_spans_pretraining_and_travels_with_the_pretraining_cache(ma
     torch.testing.assert_close(fresh.sample_history.cpu(), cached, equal_nan=True)
 
 
+@pytest.mark.slow
 def test_a_run_with_the_mixture_logs_f1_the_estimated_rate_and_the_pass(make_cfg):
     from ncu.run import train
 

@@ -52,6 +52,7 @@ def test_an_unwritable_data_folder_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_pretraining_cache_write_warns_and_the_run_goes_on(make_cfg, monkeypatch, caplog):
     from ncu import run as run_mod
 

@@ -123,7 +123,7 @@ def test_synonym_replacement_without_wordnet_is_a_config_error(make_cfg):
                       "method.negation.perturb.require_wordnet=false"))
 
 
-@pytest.mark.parametrize("method", ["ncu", "ncu_no_hn"])
+@pytest.mark.parametrize("method", ["ncu", pytest.param("ncu_no_hn", marks=pytest.mark.slow)])
 def test_ncu_smoke_run_logs_detection_and_unlearning_metrics(make_cfg, method):
     cfg = make_cfg(f"method={method}", "trainer.limit_val_batches=1")
     metrics, objects = train(cfg)
@@ -144,6 +144,7 @@ def test_ncu_smoke_run_logs_detection_and_unlearning_metrics(make_cfg, method):
         assert metrics["hn/cos_t_tn"] == pytest.approx(-0.45, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_oracle_detector_run_flags_with_precision_one_and_whole_split_detection_at_rate_zero(make_cfg):
     metrics, _ = train(make_cfg("method=filter", "method.detector=oracle", "trainer.limit_val_batches=1"))
     assert metrics["train/nc_precision"] == 1.0 and metrics["train/nc_recall"] == 1.0

@@ -439,7 +439,8 @@ def reference_targets_options_f64(A: np.ndarray, nc: list[bool], gamma: float, r
 
 
 @pytest.mark.parametrize("flagged_captions", ["target", "negative"])
-@pytest.mark.parametrize("hn_capacity", ["uniform", "flagged"])
+# The reference solve of the flagged capacity runs its full 20000 iterations: slow.
+@pytest.mark.parametrize("hn_capacity", ["uniform", pytest.param("flagged", marks=pytest.mark.slow)])
 def test_target_options_match_pot(batch32, flagged_captions, hn_capacity):
     A, nc = batch32
     n, k = nc.numel(), int(nc.sum())

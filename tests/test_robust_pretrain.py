@@ -54,6 +54,7 @@ def test_nothing_is_flagged_during_the_warm_up():
     assert torch.equal(module.flag(scores, noisy)[0], noisy)
 
 
+@pytest.mark.slow
 def test_robust_pretraining_runs_filters_and_counts_its_cost(tmp_path):
     from ncu.run import train
 

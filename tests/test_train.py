@@ -74,6 +74,7 @@ def test_evaluate_reproduces_the_run_test_metrics(smoke_run, tmp_path):
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_pretrained_checkpoint_starts_another_run_without_pretraining(smoke_run, tmp_path):
     _, metrics, objects = smoke_run
     ckpt = objects["run_dir"] / "checkpoints" / "stage0_pretrain.ckpt"
@@ -85,6 +86,7 @@ def test_pretrained_checkpoint_starts_another_run_without_pretraining(smoke_run,
     assert second["pretrain/rsum"] == pytest.approx(metrics["pretrain/rsum"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_same_config_same_numbers_on_cpu(smoke_run, tmp_path):
     cfg, metrics, _ = smoke_run
     again = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false"], tmp_path=tmp_path)
@@ -93,6 +95,7 @@ def test_same_config_same_numbers_on_cpu(smoke_run, tmp_path):
         assert metrics2[key] == pytest.approx(metrics[key], abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_cached_pretraining_is_reused_with_the_same_numbers(smoke_run, tmp_path):
     cfg, metrics, objects = smoke_run
     cached = sorted((objects["run_dir"].parent / "data" / "pretrained").glob("*.ckpt"))
@@ -111,6 +114,7 @@ def test_cached_pretraining_is_reused_with_the_same_numbers(smoke_run, tmp_path)
     assert len(list((objects["run_dir"].parent / "data" / "pretrained").glob("*.ckpt"))) == 2
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_logs_config_group_and_dashboard_images(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
