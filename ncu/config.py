@@ -38,6 +38,12 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train",
         GlobalHydra.instance().clear()
 
 
+# What every method config holds (conf/method/_base.yaml): checked once, then read without fallbacks.
+BASE_METHOD_KEYS = ("name", "nc_ratio", "nc_count", "detector", "detection.threshold", "detection.source",
+                    "detection.momentum", "detection.cut", "negation.mode", "local_loss", "stages")
+_ABSENT = object()
+
+
 def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
     """The run's ordered stages ``[(name, settings)]``: pre-training (when enabled) then the method's."""
     defaults = OmegaConf.to_container(cfg.optim.stage_defaults, resolve=True)
@@ -45,14 +51,14 @@ def plan_stages(cfg: DictConfig) -> list[tuple[str, dict]]:
     enabled = cfg.pretrain.enabled
     if enabled is True or (enabled == "auto" and cfg.model.pretrained is None):
         plan.append(("pretrain", {**defaults, **OmegaConf.to_container(cfg.pretrain.stage, resolve=True)}))
-    for name, stage in (cfg.method.get("stages") or {}).items():
+    for name, stage in cfg.method.stages.items():
         if stage is not None:  # method.stages.<name>=null drops a stage
             plan.append((name, {**defaults, **OmegaConf.to_container(stage, resolve=True)}))
     cap = cfg.get("epochs_cap")
     for _, stage in plan:
         if cap is not None and stage["epochs"] > cap:
             # a capped stage keeps the share of warm-up epochs before its detector acts (at least one epoch acts)
-            if stage.get("flag_after"):
+            if stage["flag_after"]:
                 stage["flag_after"] = min(cap - 1, max(1, round(stage["flag_after"] * cap / stage["epochs"])))
             stage["epochs"] = cap
     return plan
@@ -356,11 +362,11 @@ def _warn_empty_quota(cfg: DictConfig, plan: list[tuple[str, dict]]) -> None:
     """The per-batch quota flags k = floor(nc_ratio * batch) pairs of the global batch (``nc_count``, same
     rule; without torch): warn when that is 0 for a stage that acts on the flags, which then flags nothing."""
     method = cfg.method
-    if method.get("detector", "batch") != "batch":
+    if method.detector != "batch":
         return
     acting = [name for name, stage in plan if stage["objective"] in objectives.flag_objectives()]
-    ratio, batch = method.get("nc_ratio", 0.0), cfg.data.batch_size
-    k = int(ratio * batch) if method.get("nc_count") == "truncate" else math.floor(ratio * batch + 1e-9)
+    ratio, batch = method.nc_ratio, cfg.data.batch_size
+    k = int(ratio * batch) if method.nc_count == "truncate" else math.floor(ratio * batch + 1e-9)
     if acting and k == 0:
         _warn_once(f"method.nc_ratio={ratio:g} with data.batch_size={batch} flags k = floor({ratio:g} x {batch}) = "
                    f"0 pairs per batch: stages {', '.join(acting)} flag nothing")
@@ -476,48 +482,52 @@ def _validate_data(cfg: DictConfig) -> None:
 
 def _validate_method(cfg: DictConfig) -> None:
     method = cfg.method
-    _number(method.get("nc_ratio", 0.0), "method.nc_ratio", low=0, high=1, high_open=True)
-    _choice(method.get("detector", "batch"), "method.detector", DETECTORS)
-    _choice(method.get("nc_count", NC_COUNTS[0]), "method.nc_count", NC_COUNTS)
-    detection = method.get("detection") or {}
-    if detection.get("threshold") is not None:
-        _number(detection.threshold, "method.detection.threshold", low=0, high=1, low_open=True, high_open=True)
-    if detection.get("momentum") is not None:
-        _number(detection.momentum, "method.detection.momentum", low=0, high=1, high_open=True)
-    _choice(detection.get("source", DETECTION_SOURCES[0]), "method.detection.source", DETECTION_SOURCES)
-    _choice(detection.get("cut", DETECTION_CUTS[0]), "method.detection.cut", DETECTION_CUTS)
+    missing = [k for k in BASE_METHOD_KEYS if OmegaConf.select(method, k, default=_ABSENT) is _ABSENT]
+    if missing:
+        raise ConfigError(f"method {method.get('name')!r} has no {', '.join('method.' + k for k in missing)}: a method "
+                          "file starts from another (defaults: [_base], [clip] or [ncu]), which holds every default")
+    _number(method.nc_ratio, "method.nc_ratio", low=0, high=1, high_open=True)
+    _choice(method.detector, "method.detector", DETECTORS)
+    _choice(method.nc_count, "method.nc_count", NC_COUNTS)
+    detection = method.detection
+    _number(detection.threshold, "method.detection.threshold", low=0, high=1, low_open=True, high_open=True)
+    _number(detection.momentum, "method.detection.momentum", low=0, high=1, high_open=True)
+    _choice(detection.source, "method.detection.source", DETECTION_SOURCES)
+    _choice(detection.cut, "method.detection.cut", DETECTION_CUTS)
     if method.get("gamma") is not None:
         _number(method.gamma, "method.gamma", low=0, high=1)
     band = method.get("band")
     if band is not None:
         if len(band) != 2 or not all(isinstance(b, (int, float)) for b in band) or not -1 <= band[0] < band[1] <= 1:
             raise ConfigError(f"method.band={list(band)!r} is invalid: it must be [low, high] with -1 <= low < high <= 1")
+    # The NCU blocks (ncu.yaml): checked where a method has them.
     unlearn = method.get("unlearn") or {}
-    _choice(unlearn.get("flagged_captions", FLAGGED_CAPTIONS[0]), "method.unlearn.flagged_captions", FLAGGED_CAPTIONS)
-    _choice(unlearn.get("hn_capacity", HN_CAPACITIES[0]), "method.unlearn.hn_capacity", HN_CAPACITIES)
+    for key, names in (("flagged_captions", FLAGGED_CAPTIONS), ("hn_capacity", HN_CAPACITIES)):
+        if key in unlearn:
+            _choice(unlearn[key], f"method.unlearn.{key}", names)
     for key in ("w_band", "w_flagged"):
         if unlearn.get(key) is not None:
             _number(unlearn[key], f"method.unlearn.{key}", low=0)
     for key, value in (method.get("stage1") or {}).items():
         if key.startswith("w_"):
             _number(value, f"method.stage1.{key}", low=0)
-    negation = method.get("negation") or {}
-    mode = negation.get("mode", "none")
+    negation = method.negation
+    mode = negation.mode
     _choice(mode, "method.negation.mode", NEGATION_MODES)
-    _choice(negation.get("head", "none"), "method.negation.head", NEGATION_HEADS)
-    _choice(negation.get("anchor", "none"), "method.negation.anchor", ANCHORS)
+    for key, names in (("head", NEGATION_HEADS), ("anchor", ANCHORS)):
+        if key in negation:
+            _choice(negation[key], f"method.negation.{key}", names)
     if negation.get("n_ctx") is not None:
         _number(negation.n_ctx, "method.negation.n_ctx", low=1, integer=True)
     for key in ("anchor_cos", "head_cos"):
         if negation.get(key) is not None:
             _number(negation[key], f"method.negation.{key}", low=-1, high=1, low_open=True, high_open=True)
-    perturb = negation.get("perturb") or {}
-    if mode != "none" and perturb.get("enabled", True):
+    if mode != "none" and negation.perturb.enabled:
         from ncu.text_aug import CaptionPerturber, WordNetUnavailableError
 
+        perturb = negation.perturb
         try:
-            CaptionPerturber(ops=list(perturb.get("ops", [])), alpha=perturb.get("alpha", 0.1),
-                             require_wordnet=perturb.get("require_wordnet", True))
+            CaptionPerturber(ops=list(perturb.ops), alpha=perturb.alpha, require_wordnet=perturb.require_wordnet)
         except (WordNetUnavailableError, ValueError) as e:
             raise ConfigError(f"method.negation.perturb: {e}") from None
 
@@ -543,23 +553,23 @@ def _validate_stage(name: str, stage: dict) -> None:
     if not isinstance(stage["epochs"], int) or isinstance(stage["epochs"], bool) or stage["epochs"] < 1:
         raise ConfigError(f"{where}: epochs={stage['epochs']!r} must be a positive integer")
     _number(stage["lr"], f"{where}: lr", low=0, low_open=True)
-    _number(stage.get("weight_decay", 0.0), f"{where}: weight_decay", low=0)
-    warmup = stage.get("warmup", 0)
+    _number(stage["weight_decay"], f"{where}: weight_decay", low=0)
+    warmup = stage["warmup"]
     _number(warmup, f"{where}: warmup", low=0)
     if warmup >= 1 and not float(warmup).is_integer():
         raise ConfigError(f"{where}: warmup={warmup!r} must be a fraction (< 1) of the steps or a step count")
-    _number(stage.get("min_lr_ratio", 0.0), f"{where}: min_lr_ratio", low=0, high=1)
-    _number(stage.get("freeze_text_blocks", 0), f"{where}: freeze_text_blocks", low=0)
-    if stage.get("detector") is not None:
+    _number(stage["min_lr_ratio"], f"{where}: min_lr_ratio", low=0, high=1)
+    _number(stage["freeze_text_blocks"], f"{where}: freeze_text_blocks", low=0)
+    if stage["detector"] is not None:
         _choice(stage["detector"], f"{where}: detector", DETECTORS)
-    flag_after = stage.get("flag_after", 0)
+    flag_after = stage["flag_after"]
     _number(flag_after, f"{where}: flag_after", low=0, integer=True)
     if flag_after >= stage["epochs"] and stage["objective"] in objectives.flag_objectives():
         raise ConfigError(f"{where}: flag_after={flag_after} warm-up epochs leave none of its {stage['epochs']} "
                           "epochs to act on the flags")
-    detection = stage.get("detection") or {}
-    _choice(detection.get("cut", DETECTION_CUTS[0]), f"{where}: detection.cut", DETECTION_CUTS)
-    _choice(detection.get("source", DETECTION_SOURCES[0]), f"{where}: detection.source", DETECTION_SOURCES)
+    for key, names in (("cut", DETECTION_CUTS), ("source", DETECTION_SOURCES)):  # a stage's own, over the method's
+        if key in stage["detection"]:
+            _choice(stage["detection"][key], f"{where}: detection.{key}", names)
     for gname, group in (stage.get("groups") or {}).items():
         if not isinstance(group, dict) or not group.get("params"):
             raise ConfigError(f"{where}: groups.{gname} needs params (a list of name patterns)")

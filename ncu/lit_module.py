@@ -29,8 +29,6 @@ from ncu import objectives
 from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
 
-DETECTION_DEFAULTS = {"threshold": 0.5, "source": "running", "momentum": 0.9, "cut": "gmm"}
-
 LOG_SCALE_MAX = math.log(100.0)
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
 
@@ -80,37 +78,36 @@ class CLIPUnlearner(L.LightningModule):
         self.save_hyperparameters({"config": config or {}})
         self.model, self.tokenizer = model, tokenizer
         self.method, self.optim = dict(method), dict(optim)
-        neg = self.method.get("negation") or {}
-        self.negation_mode = neg.get("mode", "none")
-        self.prompt = (NegationPrompt.for_model(model, neg.get("n_ctx", 8), neg.get("init_std", 0.02))
-                       if self.negation_mode == "prompt" else None)
-        # Optional learned map on the negated path (see NegationHead); its start angle defaults to the band's centre.
-        head = neg.get("head", "none") if self.negation_mode != "none" else "none"
-        if head not in NEGATION_HEADS:
-            raise ValueError(f"method.negation.head={head!r} is unknown; choose from {NEGATION_HEADS}")
-        band = self.method.get("band", (-0.7, -0.2))
-        cos0 = neg.get("head_cos")
-        self.negation_head = (NegationHead.for_model(model, sum(band) / 2 if cos0 is None else cos0,
-                                                     (config or {}).get("seed", 0))
-                              if head == "rotation" else None)
-        # anchor=band: t~ at a fixed angle from its own caption (the band's centre, or anchor_cos).
-        self.anchor = neg.get("anchor", "none") if self.negation_mode != "none" else "none"
-        if self.anchor not in ANCHORS:
-            raise ValueError(f"method.negation.anchor={self.anchor!r} is unknown; choose from {ANCHORS}")
-        anchor_cos = neg.get("anchor_cos")
-        self.anchor_cos = sum(band) / 2 if anchor_cos is None else float(anchor_cos)
-        perturb = neg.get("perturb") or {}
-        seed = (config or {}).get("seed", 0)
-        self.perturber = (CaptionPerturber(ops=perturb.get("ops", ("swap", "delete", "insert")),
-                                           alpha=perturb.get("alpha", 0.1), seed=seed,
-                                           require_wordnet=perturb.get("require_wordnet", True))
-                          if perturb.get("enabled", True) and self.negation_mode != "none" else None)
+        seed = self.hparams["config"]["seed"]
+        neg = self.method["negation"]
+        self.negation_mode = neg["mode"]
+        self.prompt, self.negation_head, self.perturber, self.anchor, self.anchor_cos = None, None, None, "none", None
+        if self.negation_mode != "none":  # the negated path's options exist only then (ncu.yaml)
+            self.prompt = (NegationPrompt.for_model(model, neg["n_ctx"], neg["init_std"])
+                           if self.negation_mode == "prompt" else None)
+            # Optional learned map on the negated path (NegationHead), started at head_cos (null: the band's centre).
+            if neg["head"] not in NEGATION_HEADS:
+                raise ValueError(f"method.negation.head={neg['head']!r} is unknown; choose from {NEGATION_HEADS}")
+            centre = sum(self.method["band"]) / 2
+            if neg["head"] == "rotation":
+                self.negation_head = NegationHead.for_model(
+                    model, centre if neg["head_cos"] is None else neg["head_cos"], seed)
+            # anchor=band: t~ at a fixed angle from its own caption (the band's centre, or anchor_cos).
+            self.anchor = neg["anchor"]
+            if self.anchor not in ANCHORS:
+                raise ValueError(f"method.negation.anchor={self.anchor!r} is unknown; choose from {ANCHORS}")
+            self.anchor_cos = centre if neg["anchor_cos"] is None else float(neg["anchor_cos"])
+            perturb = neg["perturb"]
+            if perturb["enabled"]:
+                self.perturber = CaptionPerturber(ops=perturb["ops"], alpha=perturb["alpha"], seed=seed,
+                                                  require_wordnet=perturb["require_wordnet"])
         self.template_rng = random.Random(seed)
+        # The solver block run.build adds beside the method (the solver group); objectives without OT have none.
         self.solver = instantiate(self.method["solver"]) if self.method.get("solver") else None
         self.detect = NCDetectionMeter()
         # Per-sample detection (method.detector=gmm|ema): one score per training sample, kept across steps,
         # epochs and stages; run.build sets num_train. sample_flags / p_clean: the last mixture fit.
-        self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {})}
+        self.detection = dict(self.method["detection"])
         self.num_train = 0
         self.sample_scores: torch.Tensor | None = None
         # Every training pair's log-score averaged (detection.momentum) over all steps of all stages: the ema
@@ -157,25 +154,25 @@ class CLIPUnlearner(L.LightningModule):
         self.objective, self.objective_options = objective, objective.options(self.method, self.solver)
         self.cost = {"samples": 0, "seconds": 0.0}
         # A stage may bring its own detector settings (a robust pre-training): over the method's.
-        self.detection = {**DETECTION_DEFAULTS, **(self.method.get("detection") or {}), **(stage.get("detection") or {})}
-        freeze = list(stage.get("freeze", []))
+        self.detection = {**self.method["detection"], **stage["detection"]}
+        freeze = list(stage["freeze"])
         if not objective.learns_negation:  # the negated path is learned in the hardest-negative stage only
             freeze += [p for p, m in (("prompt.*", self.prompt), ("negation_head.*", self.negation_head))
                        if m is not None]
-        if stage.get("freeze_token_embedding"):
+        if stage["freeze_token_embedding"]:
             freeze.append(f"model.{text_prefix(self.model)}token_embedding.*")
-        n_blocks = text_blocks_to_freeze(self.model, stage.get("freeze_text_blocks", 0))
+        n_blocks = text_blocks_to_freeze(self.model, stage["freeze_text_blocks"])
         freeze += [f"model.{text_prefix(self.model)}transformer.resblocks.{i}.*" for i in range(n_blocks)]
-        train = list(stage.get("train", ["*"]))
+        train = list(stage["train"])
         if objective.learns_negation and self.negation_head is not None:
             train.append("negation_head.*")  # part of the negated path: learned with the prompt
-        return stages.set_trainable(self, train, freeze, stage.get("unfreeze", []))
+        return stages.set_trainable(self, train, freeze, stage["unfreeze"])
 
     def configure_optimizers(self):
         st = self.stage
         optimizer = stages.make_adamw(self, st, self.optim)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = stages.make_scheduler(optimizer, total, st.get("warmup", 0), st.get("min_lr_ratio", 0.0))
+        scheduler = stages.make_scheduler(optimizer, total, st["warmup"], st["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- checkpoints ------------------------------------------------------------------------------
@@ -216,9 +213,9 @@ class CLIPUnlearner(L.LightningModule):
     def negated_features(self, captions: list[str], t: torch.Tensor, perturb: bool = True) -> torch.Tensor:
         """t~ of ``captions`` (their own caption features ``t`` are the anchor when ``anchor=band``)."""
         neg = self.method["negation"]
-        tokens = build_negated_tokens(self.tokenizer, captions, neg.get("n_ctx", 8),
+        tokens = build_negated_tokens(self.tokenizer, captions, neg["n_ctx"],
                                       self.perturber if perturb else None, self.negation_mode,
-                                      neg.get("templates"), self.template_rng if perturb else random.Random(0))
+                                      neg["templates"], self.template_rng if perturb else random.Random(0))
         e = negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode,
                                   self.negation_head)
         return anchor_at_angle(t, e, self.anchor_cos) if self.anchor == "band" else e
@@ -238,17 +235,17 @@ class CLIPUnlearner(L.LightningModule):
 
     def quota(self, scores: torch.Tensor) -> torch.Tensor:
         """The paper's per-batch rule: the k = floor(nc_ratio * N) lowest scores of the batch (``nc_count``)."""
-        return ncu_obj.select_nc(scores, self.method.get("nc_ratio", 0.1), self.method.get("nc_count", "floor"))
+        return ncu_obj.select_nc(scores, self.method["nc_ratio"], self.method["nc_count"])
 
     @property
     def detector(self) -> str:
         """The stage's own detector (a robust pre-training's) or the method's."""
-        return self.stage.get("detector") or self.method.get("detector", "batch")
+        return (self.stage["detector"] if self.stage else None) or self.method["detector"]
 
     def warming_up(self) -> bool:
         """Inside the stage's ``flag_after`` warm-up epochs (plain InfoNCE before a detector acts)."""
         epoch = self.current_epoch if self._trainer is not None else 0
-        return epoch < int(self.stage.get("flag_after", 0))
+        return bool(self.stage) and epoch < int(self.stage["flag_after"])
 
     def flag(self, scores: torch.Tensor, noisy: torch.Tensor,
              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +326,7 @@ class CLIPUnlearner(L.LightningModule):
         flags = torch.zeros_like(known)
         p_clean = torch.ones_like(bank)
         if int(known.sum()) >= 2:
-            seed = int(self.hparams["config"].get("seed", 0))
+            seed = int(self.hparams["config"]["seed"])
             f, p, self.rate_est = detectors.gmm_flags(bank[known], self.detection["threshold"], seed)
             flags[known], p_clean[known] = f.to(bank.device), p.to(bank.device)
         self.sample_flags, self.sample_p_clean = flags, p_clean
@@ -341,7 +338,7 @@ class CLIPUnlearner(L.LightningModule):
         takes batches r, r+W, ... and the ranks sum their parts: the same scores as one process. None when
         the source has no such loader (shards)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        seed = int(self.hparams["config"].get("seed", 0)) + self.current_epoch
+        seed = int(self.hparams["config"]["seed"]) + self.current_epoch
         loader = dm.scoring_loader(seed) if dm is not None and hasattr(dm, "scoring_loader") else None
         if loader is None:
             return None
@@ -393,7 +390,7 @@ class CLIPUnlearner(L.LightningModule):
         if bool(torch.isfinite(value).all()):
             return
         optimizers = self.trainer.optimizers if self._trainer is not None else []
-        lr = optimizers[0].param_groups[0]["lr"] if optimizers else self.stage.get("lr", float("nan"))
+        lr = optimizers[0].param_groups[0]["lr"] if optimizers else self.stage["lr"]
         step = self.trainer.global_step if self._trainer is not None else 0
         raise DivergedError(f"stage {self.stage_name!r} diverged at step {step} (lr {lr:.3g}): {what} not finite; "
                             f"lower {lr_key(self.stage_name)} (or add warm-up)")
@@ -448,7 +445,7 @@ class CLIPUnlearner(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         self.cost["samples"] += batch_size_of(batch) * world
         # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
-        if self.stage.get("clamp_logit_scale", True):
+        if self.stage["clamp_logit_scale"]:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, LOG_SCALE_MAX)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ncu.choices import UNSET_IN_KEYS
+from ncu.choices import added_later_flat
 from ncu.errors import ConfigError
 from ncu.files import atomic_path
 
@@ -39,12 +39,13 @@ def _free(key: str) -> bool:
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose value differs between two resolved configs, those in ``FREE_KEYS`` left out. An
-    option added later (``UNSET_IN_KEYS``) that one config lacks and the other leaves null is unchanged."""
+    option added later (``ADDED_LATER``) that one config lacks and the other holds at its earlier value is
+    unchanged."""
     a, b = flatten(saved), flatten(current)
-    later = {f"{section}.{key}" for section, keys in UNSET_IN_KEYS.items() for key in keys}
+    later = added_later_flat()
 
     def value(tree: dict, key: str) -> Any:
-        return tree.get(key, None if key in later else "<absent>")
+        return tree.get(key, later.get(key, "<absent>"))
 
     return sorted(k for k in set(a) | set(b) if not _free(k) and value(a, k) != value(b, k))
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncu import resume
 from ncu.callbacks import DashboardImages
-from ncu.choices import cache_key_view
+from ncu.choices import added_later_flat, cache_key_view
 from ncu.config import ConfigError, plan_stages, validate
 from ncu.errors import CheckpointError, DivergedError, StorageError
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
@@ -474,10 +474,13 @@ def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
             if k not in ("cache_dir", "shifts")}  # where the scenes are kept, and the evaluation-only styles
     model = cache_key_view("model", OmegaConf.to_container(cfg.model, resolve=True))
     spec = {
-        "model": model, "data": cache_key_view("data", data), "noise": cfg.noise, "stage": stage,
+        "model": model, "data": cache_key_view("data", data), "noise": cfg.noise,
+        "stage": cache_key_view("stage", stage),
         "seed": cfg.seed,
-        # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum
-        "history_momentum": OmegaConf.select(cfg, "method.detection.momentum", default=0.9),
+        # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum (a
+        # config saved before every method had it: the momentum that applied then)
+        "history_momentum": OmegaConf.select(cfg, "method.detection.momentum",
+                                             default=added_later_flat()["method.detection.momentum"]),
         "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
         "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
                                                   "gradient_clip_val")},

@@ -7,7 +7,7 @@ from conftest import CONF, ROOT, compose_cfg
 from ncu.config import ConfigError, compose_config, plan_stages, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if not p.stem.startswith("_"))  # _base: shared
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -11,7 +11,7 @@ from conftest import CONF, compose_cfg
 from ncu.run import train
 
 pytestmark = pytest.mark.slow
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if not p.stem.startswith("_"))  # _base: shared
 FAST = ["experiment=smoke", "logger=none", "print_table=false", "trainer.limit_train_batches=2", "epochs_cap=1"]
 
 

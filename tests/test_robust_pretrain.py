@@ -14,7 +14,9 @@ def test_robust_pretraining_composes_its_own_detector_over_the_methods():
     assert cfg.method.detector == "batch"  # the method's stages keep theirs
     default = dict(plan_stages(compose_cfg([])))["pretrain"]
     own = ("objective", "detector", "flag_after", "detection")
-    assert default["objective"] == "clip" and not any(k in default for k in own[1:])
+    # the default pre-training has no flagging of its own (optim.stage_defaults: the neutral values)
+    assert default["objective"] == "clip" and (default["detector"], default["flag_after"], default["detection"]) == (
+        None, 0, {})
     assert {k: v for k, v in stage.items() if k not in own} == {k: v for k, v in default.items() if k not in own}
 
 
@@ -40,6 +42,7 @@ def test_bad_robust_settings_are_refused_at_start(override, message):
 
 
 def test_nothing_is_flagged_during_the_warm_up():
+    from ncu.config import plan_stages
     from ncu.lit_module import CLIPUnlearner
     from ncu.models.factory import create
 
@@ -47,10 +50,11 @@ def test_nothing_is_flagged_during_the_warm_up():
     method = dict(compose_cfg(["method=clip"]).method)
     module = CLIPUnlearner(bundle.model, bundle.tokenizer, method, {"lr": 1e-3}, config={"seed": 0})
     scores, noisy = torch.rand(8), torch.tensor([1, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
-    module.set_stage("pretrain", {"objective": "filter", "detector": "oracle", "flag_after": 1})
+    stage = dict(plan_stages(compose_cfg(["pretrain=robust"])))["pretrain"]
+    module.set_stage("pretrain", {**stage, "objective": "filter", "detector": "oracle", "flag_after": 1})
     assert module.detector == "oracle" and module.warming_up()  # epoch 0 of a 1-epoch warm-up
     assert not module.flag(scores, noisy)[0].any()
-    module.set_stage("pretrain", {"objective": "filter", "detector": "oracle", "flag_after": 0})
+    module.set_stage("pretrain", {**stage, "objective": "filter", "detector": "oracle", "flag_after": 0})
     assert torch.equal(module.flag(scores, noisy)[0], noisy)
 
 

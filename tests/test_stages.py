@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ncu import stages
 from ncu.run import build, build_trainer
@@ -42,8 +43,9 @@ def test_param_groups_split_decay_and_custom_lr():
 def test_frozen_parameters_do_not_change_after_a_step(make_cfg):
     cfg = make_cfg("trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
     _, dm, module = build(cfg)
-    stage = {"epochs": 1, "objective": "clip", "lr": 1e-2, "weight_decay": 0.1, "warmup": 0,
-             "train": ["*"], "freeze": ["model.visual.*", "model.transformer.resblocks.0.*"]}
+    stage = {**OmegaConf.to_container(cfg.optim.stage_defaults), "epochs": 1, "objective": "clip", "lr": 1e-2,
+             "weight_decay": 0.1, "warmup": 0, "train": ["*"],
+             "freeze": ["model.visual.*", "model.transformer.resblocks.0.*"]}
     trainable = module.set_stage("frozen_visual", stage)
     assert trainable and not any(n.startswith("model.visual.") for n in trainable)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}

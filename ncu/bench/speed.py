@@ -200,7 +200,7 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
     _, info = sinkhorn(*problem, reg=solver.reg, max_iter=solver.max_iter, tol=solver.tol, return_info=True)
     sk_v = Variant("sinkhorn", lambda: solver(*problem), note=f"{info.n_iter} it, this batch")
     # The same size with the similarity structure of a trained CLIP (a random-init model's is flatter).
-    structured = stage2_ot_problem(batch_size, nc_ratio=ncu_method.get("nc_ratio", 0.1), seed=seed, device=device)
+    structured = stage2_ot_problem(batch_size, nc_ratio=ncu_method["nc_ratio"], seed=seed, device=device)
     _, sinfo = sinkhorn(*structured, reg=solver.reg, max_iter=solver.max_iter, tol=solver.tol, return_info=True)
     sks_v = Variant("sinkhorn_structured", lambda: solver(*structured), note=f"{sinfo.n_iter} it, synthetic")
     return SpeedSetup([clip_v, hn_v, ul_v, sk_v, sks_v, oc_v], {"clip": clip_mod, "ncu": ncu_mod, "model": model},

@@ -373,7 +373,7 @@ def task_detection(name: str, task: dict, ctx: Context) -> dict[str, float]:
     noisy = torch.as_tensor(np.asarray(ds.noisy, dtype=bool))
     scale = float(model.logit_scale.detach().exp())
     ratio = task.get("nc_ratio")
-    ratio = float(ctx.run_cfg.method.get("nc_ratio", 0.1) if ratio is None else ratio)
+    ratio = float(ctx.run_cfg.method.nc_ratio if ratio is None else ratio)
     scope = task.get("scope", "batch")
     batch_size = int(task.get("batch_size") or ctx.run_cfg.data.batch_size)
     if scope == "batch":

@@ -112,15 +112,15 @@ def _ncu_hn(b: Batch, **options: Any) -> tuple[torch.Tensor, dict]:
 def _ncu_hn_options(m: dict, solver: Any) -> dict:
     w = m["stage1"]
     return {"w_cyc": w["w_cyc"], "w_band": w["w_band"], "w_sig_pos": w["w_sig_pos"], "w_sig_neg": w["w_sig_neg"],
-            "band": tuple(m["band"]), "detach_t": w.get("detach_t", False)}
+            "band": tuple(m["band"]), "detach_t": w["detach_t"]}
 
 
 def _unlearn_options(m: dict, solver: Any) -> dict:
     u = m["unlearn"]
     return {"gamma": m["gamma"], "solver": solver, "normalize_t2v": u["normalize_t2v"],
             "reuse_transpose": u["reuse_transpose"], "w_band": u["w_band"], "band": tuple(m["band"]),
-            "flagged_captions": u.get("flagged_captions", "target"), "hn_capacity": u.get("hn_capacity", "uniform"),
-            "w_flagged": u.get("w_flagged", 1.0), "detach_hn": u.get("detach_hn", False)}
+            "flagged_captions": u["flagged_captions"], "hn_capacity": u["hn_capacity"], "w_flagged": u["w_flagged"],
+            "detach_hn": u["detach_hn"]}
 
 
 def _ncu_unlearn(b: Batch, **options: Any) -> tuple[torch.Tensor, dict]:
@@ -146,10 +146,10 @@ def _unlearn_targets(b: Batch, gamma: float, solver: Any, normalize_t2v: bool, r
     return yv
 
 
-register(Objective("clip", _clip, lambda m, solver: {"local_loss": bool(m.get("local_loss"))}))
+register(Objective("clip", _clip, lambda m, solver: {"local_loss": bool(m["local_loss"])}))
 register(Objective("filter", _filter, flags=True))
 register(Objective("grad_ascent", _grad_ascent, lambda m, solver: {
-    "weight": (m.get("grad_ascent") or {}).get("weight", 1.0), "bound": (m.get("grad_ascent") or {}).get("bound")},
+    "weight": m["grad_ascent"]["weight"], "bound": m["grad_ascent"]["bound"]},
     flags=True))
 register(Objective("ncu_hn", _ncu_hn, _ncu_hn_options, flags=True, negation="required", learns_negation=True))
 register(Objective("ncu_unlearn", _ncu_unlearn, _unlearn_options, flags=True, negation="optional",
