@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import CONF, ROOT, compose_cfg
 from ncu.config import ConfigError, compose_config, plan_stages, validate
@@ -124,3 +125,64 @@ def test_logit_scale_starts_a_model_from_scratch_only(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(ConfigError, match="model.logit_scale=100.* brings its own"):
         validate(compose_cfg(["model.logit_scale=100", f"model.pretrained={weights}"], tmp_path=tmp_path))
+
+
+CONFIGS = [[f"method={m}"] for m in METHODS] + [["pretrain=robust"]] + [
+    [f"experiment={e}", "model=micro"] for e in EXPERIMENTS]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: o[0])
+def test_the_module_sees_the_yaml_values_of_every_method_and_experiment(overrides, tmp_path):
+    """No value the module acts on comes from anywhere but the composed YAML: the flagging rule, the
+    detection settings (a stage's own over the method's), the negation options, each stage's settings and the
+    objective options the step passes to the loss."""
+    from omegaconf import OmegaConf
+
+    from ncu.lit_module import CLIPUnlearner
+    from ncu.models import factory
+
+    cfg = compose_cfg(overrides, tmp_path=tmp_path)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    method["solver"] = OmegaConf.to_container(cfg.solver, resolve=True)
+    bundle = factory.create("ncu-micro", None)
+    module = CLIPUnlearner(bundle.model, bundle.tokenizer, method, OmegaConf.to_container(cfg.optim),
+                           config={"seed": cfg.seed})
+    assert module.detection == method["detection"] and module.detector == method["detector"]
+    assert module.negation_mode == method["negation"]["mode"]
+    if module.negation_mode != "none":
+        neg = method["negation"]
+        assert (module.anchor, module.perturber is not None) == (neg["anchor"], neg["perturb"]["enabled"])
+        if module.prompt is not None:
+            assert module.prompt.ctx.shape[0] == neg["n_ctx"]
+    k = int(method["nc_ratio"] * 40) if method["nc_count"] == "truncate" else int(method["nc_ratio"] * 40 + 1e-9)
+    assert int(module.quota(torch.rand(40)).sum()) == k
+    for name, stage in plan_stages(cfg):
+        if stage["objective"] in ("ncu_hn",) and module.negation_mode == "none":
+            continue
+        module.set_stage(name, stage)
+        assert module.stage == stage
+        assert module.detection == {**method["detection"], **stage["detection"]}
+        assert module.detector == (stage["detector"] or method["detector"])
+        opts = module.objective_options
+        if "gamma" in opts:
+            u = method["unlearn"]
+            assert opts["gamma"] == method["gamma"] and opts["band"] == tuple(method["band"])
+            assert {key: opts[key] for key in ("normalize_t2v", "reuse_transpose", "flagged_captions",
+                                               "hn_capacity", "w_flagged", "detach_hn", "w_band")} == {
+                key: u[key] for key in ("normalize_t2v", "reuse_transpose", "flagged_captions", "hn_capacity",
+                                        "w_flagged", "detach_hn", "w_band")}
+        if "w_cyc" in opts:
+            assert {key: opts[key] for key in method["stage1"]} == method["stage1"]
+        if "local_loss" in opts:
+            assert opts["local_loss"] == method["local_loss"]
+
+
+def test_a_method_file_without_the_base_is_refused_in_one_line(tmp_path):
+    from omegaconf import open_dict
+
+    cfg = compose_cfg(["method=clip"], tmp_path=tmp_path)
+    with open_dict(cfg):
+        del cfg.method["detection"]
+        del cfg.method["nc_count"]
+    with pytest.raises(ConfigError, match=r"no method.nc_count, method.detection.threshold.*defaults: \[_base\]"):
+        validate(cfg)
