@@ -10,7 +10,7 @@
 # Everything is written under $OUT (default: a new temporary folder): summary.txt (one line per step: name,
 # exit status, seconds), log.txt (every step's output), run_metrics.json and paper_metrics.json. A machine
 # without the project's packages gets them from wheels in .whl/ beside the repository (pip download them
-# where a registry is reachable; see the README's performance page), installed into /tmp/site.
+# where a registry is reachable; see docs/performance.md), installed into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0

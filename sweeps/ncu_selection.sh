@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Choosing NCU's defaults on the validation split (never on test): noise 0.4, seed 0, the default data,
 # model and budget. Every run starts from the same cached pre-trained checkpoint; two runs at a time with
-# one torch thread each. Then: python -m ncu.report "$OUT" --metrics val/rsum,... (see the README).
+# one torch thread each. Then: python -m ncu.report "$OUT" --metrics val/rsum,... (see docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

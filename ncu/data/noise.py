@@ -1,6 +1,6 @@
 """Synthetic noisy correspondence: corruption protocols and persisted artifacts.
 
-Protocols (see the README's "Noise" section):
+Protocols (see "Noise" in docs/data.md):
 - ``caption`` (C): select floor(r*N) captions with the noise seed and shuffle their image ids among
   themselves. A selected caption may land on its own image, so the realised rate can be below r.
 - ``image`` (I): select floor(r*M) images and permute them; all captions of an image move together.
