@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 
 from ncu import detectors, stages
-from ncu.choices import ANCHORS, DETECTORS, NEGATION_HEADS
+from ncu.choices import ANCHORS, NEGATION_HEADS
 from ncu.data.datamodule import batch_size_of
 from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
@@ -105,17 +105,11 @@ class CLIPUnlearner(L.LightningModule):
         # The solver block run.build adds beside the method (the solver group); objectives without OT have none.
         self.solver = instantiate(self.method["solver"]) if self.method.get("solver") else None
         self.detect = NCDetectionMeter()
-        # Per-sample detection (method.detector=gmm|ema): one score per training sample, kept across steps,
-        # epochs and stages; run.build sets num_train. sample_flags / p_clean: the last mixture fit.
+        # Which pairs are flagged (ncu/detectors.py): the method's detector until a stage brings its own; the
+        # per-sample detectors' memory of every training pair spans all stages (run.build sets num_train).
         self.detection = dict(self.method["detection"])
-        self.num_train = 0
-        self.sample_scores: torch.Tensor | None = None
-        # Every training pair's log-score averaged (detection.momentum) over all steps of all stages: the ema
-        # detector's input; saved in checkpoints, so a cached pre-training passes its history on.
-        self.sample_history: torch.Tensor | None = None
-        self.sample_flags: torch.Tensor | None = None
-        self.sample_p_clean: torch.Tensor | None = None
-        self.rate_est = float("nan")
+        self.flagger = detectors.build(self.method["detector"], self.detection)
+        self.memory = detectors.SampleMemory()
         self.pass_seconds = float("nan")
         self._epoch_start = time.perf_counter()
         self.stage_name, self.stage, self.stage_index = "none", {}, None
@@ -155,6 +149,7 @@ class CLIPUnlearner(L.LightningModule):
         self.cost = {"samples": 0, "seconds": 0.0}
         # A stage may bring its own detector settings (a robust pre-training): over the method's.
         self.detection = {**self.method["detection"], **stage["detection"]}
+        self.flagger = detectors.build(self.detector, self.detection)
         freeze = list(stage["freeze"])
         if not objective.learns_negation:  # the negated path is learned in the hardest-negative stage only
             freeze += [p for p, m in (("prompt.*", self.prompt), ("negation_head.*", self.negation_head))
@@ -181,8 +176,8 @@ class CLIPUnlearner(L.LightningModule):
         checkpoint["ncu_stage_index"] = self.stage_index
         checkpoint["ncu_stage_name"] = self.stage_name
         checkpoint["ncu_cost"] = self.cost_so_far()
-        if self.sample_history is not None:
-            checkpoint["ncu_sample_history"] = self.sample_history.detach().cpu()
+        if self.memory.history is not None:
+            checkpoint["ncu_sample_history"] = self.memory.history.detach().cpu()
         checkpoint["ncu_rng"] = {
             "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state_to_safe(),
             "perturber": self.perturber.rng.getstate() if self.perturber is not None else None,
@@ -190,7 +185,7 @@ class CLIPUnlearner(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.restore_history(checkpoint)
+        self.memory.restore(checkpoint, self.device)
         if checkpoint.get("ncu_stage_index") == self.stage_index and checkpoint.get("ncu_cost"):
             self.cost = dict(checkpoint["ncu_cost"])  # resumed inside the stage: its cost so far
         rng = checkpoint.get("ncu_rng")
@@ -249,87 +244,22 @@ class CLIPUnlearner(L.LightningModule):
 
     def flag(self, scores: torch.Tensor, noisy: torch.Tensor,
              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(flagged, detection scores)`` of a (global) batch. Flagged: the per-batch quota of lowest scores
-        (``batch``, the paper's rule), the ground truth (``oracle``: an upper bound that separates
-        identification from unlearning), or the per-sample detectors (``gmm``, ``ema``; see ncu/detectors.py),
-        which first record the batch's scores by sample ``index``. Detection scores (higher = cleaner) are
-        what the detection metrics rank: the batch's scores, the averaged ones (ema) or p_clean (gmm)."""
-        detector = self.detector
+        """``(flagged, detection scores)`` of a (global) batch by the stage's detector (ncu/detectors.py); none
+        inside the warm-up, and the per-batch quota (for the metrics) where the objective acts on no flags."""
         if self.warming_up():
             return torch.zeros_like(scores, dtype=torch.bool), scores
-        if detector == "oracle":
-            return noisy.to(dtype=torch.bool, device=scores.device).clone(), scores
-        if detector == "batch":
-            return self.quota(scores), scores
-        if detector not in DETECTORS:
-            raise ValueError(f"method.detector={detector!r} is unknown; choose from {DETECTORS}")
-        if not self.objective.flags:  # flags unused here: the quota, for the metrics
-            return self.quota(scores), scores
-        if index is None or bool((index < 0).any()):
-            raise ValueError(f"method.detector={detector!r} needs the sample index of every training pair")
-        if detector == "ema":  # training_step has folded this batch into the history already
-            if self.sample_history is None:  # driven without training_step
-                self._bank()  # (names a missing num_train)
-                self.record_history(index, scores)
-            averaged = self.sample_history[index.to(self.sample_history.device).long()].exp().to(scores.device)
-        else:
-            averaged = detectors.ema_update(self._bank(), index, scores, 0.0).to(scores.device)
-        if detector == "ema" and self.detection["cut"] == "quota":
-            return self.quota(averaged), averaged
-        if self.sample_flags is None:  # no mixture fitted (the module driven without a Trainer): the quota
-            return self.quota(averaged), averaged
-        index = index.to(self.sample_flags.device).long()
-        return (self.sample_flags[index].to(scores.device),
-                self.sample_p_clean[index].to(scores.device) if detector == "gmm" else averaged)
-
-    def _bank(self) -> torch.Tensor:
-        if self.sample_scores is None:
-            if self.num_train < 1:
-                raise ValueError("per-sample detection needs num_train (the training split's size)")
-            self.sample_scores = torch.full((self.num_train,), float("nan"), device=self.device)
-        return self.sample_scores
-
-    def record_history(self, index: torch.Tensor | None, scores: torch.Tensor) -> None:
-        """Fold a (global) batch's scores into each sample's history, in log space (a mean of losses)."""
-        if index is None or self.num_train < 1 or bool((index < 0).any()):
-            return
-        if self.sample_history is None:
-            self.sample_history = torch.full((self.num_train,), float("nan"), device=self.device)
-        log_scores = scores.detach().float().clamp_min(detectors.EPS).log()
-        detectors.ema_update(self.sample_history, index, log_scores, self.detection["momentum"])
-
-    def restore_history(self, checkpoint: dict) -> bool:
-        """The per-sample history a checkpoint carries (False when it has none, or one of another split)."""
-        history = checkpoint.get("ncu_sample_history")
-        if history is None or (self.num_train and history.numel() != self.num_train):
-            return False
-        self.sample_history = history.to(self.device).float().clone()
-        return True
+        if self.flagger.per_sample:
+            if not self.objective.flags:
+                return self.quota(scores), scores
+            if index is None or bool((index < 0).any()):
+                raise ValueError(f"method.detector={self.detector!r} needs the sample index of every training pair")
+        return self.flagger.flag(scores, noisy, index, self.memory, self.quota)
 
     def refresh_flags(self) -> None:
-        """Fit the two-component mixture on the per-sample scores (gmm, and ema with cut=gmm) at an epoch
-        start: from a scoring pass (``detection.source=pass``, or when no sample has a score yet) or from the
-        scores the previous epochs' steps recorded (``running``). Samples without a score are not flagged."""
-        if (self.detector not in ("gmm", "ema") or (self.detector == "ema" and self.detection["cut"] != "gmm")
-                or self.warming_up()):
-            return
-        bank = self._bank()
-        if self.detector == "ema" and self.sample_history is not None:
-            bank.copy_(self.sample_history.exp())
-        if (self.detector == "gmm" and self.detection["source"] == "pass") or bool(torch.isnan(bank).all()):
-            passed = self.scoring_pass()
-            if passed is not None:
-                bank.copy_(torch.where(torch.isnan(passed), bank, passed))
-                if self.detector == "ema":  # no history yet (a model given by model.pretrained): start it here
-                    self.sample_history = passed.clamp_min(detectors.EPS).log().to(bank.device)  # NaN stays NaN
-        known = ~torch.isnan(bank)
-        flags = torch.zeros_like(known)
-        p_clean = torch.ones_like(bank)
-        if int(known.sum()) >= 2:
+        """The detector's epoch start (a mixture fit for gmm, and ema with cut=gmm), after the warm-up."""
+        if not self.warming_up():
             seed = int(self.hparams["config"]["seed"])
-            f, p, self.rate_est = detectors.gmm_flags(bank[known], self.detection["threshold"], seed)
-            flags[known], p_clean[known] = f.to(bank.device), p.to(bank.device)
-        self.sample_flags, self.sample_p_clean = flags, p_clean
+            self.flagger.refresh(self.memory, self.scoring_pass, seed, self.device)
 
     @torch.no_grad()
     def scoring_pass(self) -> torch.Tensor | None:
@@ -345,8 +275,8 @@ class CLIPUnlearner(L.LightningModule):
         start, was = time.perf_counter(), self.training
         self.eval()
         world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
-        total = torch.zeros(self.num_train, dtype=torch.float64, device=self.device)
-        count = torch.zeros(self.num_train, dtype=torch.float64, device=self.device)
+        total = torch.zeros(self.memory.num_train, dtype=torch.float64, device=self.device)
+        count = torch.zeros(self.memory.num_train, dtype=torch.float64, device=self.device)
         for batch, scores in self._scored_batches(loader, lambda i: i % world == rank):
             index = torch.as_tensor(batch["index"], device=self.device).long()
             total.index_add_(0, index, scores.double())
@@ -405,7 +335,7 @@ class CLIPUnlearner(L.LightningModule):
         scores = ncu_obj.nc_scores(v, t, s)
         self.stop_if_not_finite(scores, "the pair scores (features or logit scale) are")  # before OT sees them
         index = self.gather(torch.as_tensor(batch["index"], device=self.device)) if "index" in batch else None
-        self.record_history(index, scores)
+        self.memory.observe(index, scores, self.detection["momentum"], self.device)
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
         self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step
@@ -461,8 +391,8 @@ class CLIPUnlearner(L.LightningModule):
             if not math.isnan(val):  # AUROC/AUPRC are undefined without noisy pairs (rate 0)
                 self.log(f"train/nc_{k}", val)
         self.detect.reset()
-        if self.detector in ("gmm", "ema") and not math.isnan(self.rate_est):
-            self.log("train/nc_rate_est", self.rate_est)
+        if self.flagger.per_sample and not math.isnan(self.memory.rate_est):
+            self.log("train/nc_rate_est", self.memory.rate_est)
         if not math.isnan(self.pass_seconds):  # the scoring pass's cost, also as a fraction of the epoch's
             self.log("train/nc_pass_seconds", self.pass_seconds)
             epoch_seconds = max(1e-9, time.perf_counter() - self._epoch_start)

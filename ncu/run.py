@@ -52,7 +52,7 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
                            OmegaConf.to_container(cfg.optim, resolve=True),
                            config=OmegaConf.to_container(cfg, resolve=True))
     module.classnames = dm.classnames
-    module.num_train = len(dm.datasets["train"])  # per-sample detectors keep one score per training pair
+    module.memory.num_train = len(dm.datasets["train"])  # per-sample detectors keep one score per training pair
     module.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
     if "zeroshot" in dm.datasets:  # a dedicated zero-shot task (scenes: single objects over the vocabulary)
         zs = dm.datasets["zeroshot"]
@@ -433,7 +433,7 @@ def load_cached_pretrain(module: CLIPUnlearner, cache: Path, trusted: bool = Fal
                     cache)
         return False
     module.cost = dict(ckpt.get("ncu_cost") or {"samples": float("nan"), "seconds": float("nan")})  # older files: unknown
-    if not module.restore_history(ckpt) and module.detector == "ema":
+    if not module.memory.restore(ckpt, module.device) and module.detector == "ema":
         log.warning("pre-training cache %s holds no per-sample history (written by an older version): the ema "
                     "detector starts from a scoring pass; delete the file to pre-train again with it", cache)
     return True

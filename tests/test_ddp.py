@@ -66,7 +66,7 @@ def _module(spec: dict[str, Any]) -> Any:
 
     bundle = factory.create(spec["model"], None)
     module = CLIPUnlearner(bundle.model, bundle.tokenizer, spec["method"], spec["optim"], config={"seed": 0})
-    module.num_train = WORLD * PER_RANK
+    module.memory.num_train = WORLD * PER_RANK
     return module
 
 
@@ -94,7 +94,7 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
 
     module.load_state_dict(torch.load(weights, weights_only=True))
     module.set_stage(name, stage)
-    module.sample_scores = module.sample_flags = module.sample_history = None  # each stage detects afresh
+    module.memory.scores = module.memory.flags = module.memory.history = None  # each stage detects afresh
     out: dict[str, Any] = {}
     update = module.detect.update
 
@@ -120,7 +120,7 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
     # Each rank's loader yields its own rows, in order: the gathered batch is rank 0's rows then rank 1's.
     trainer.fit(module, datamodule=_data(items, all_items))
     del module.detect.update
-    out["sample_flags"] = None if module.sample_flags is None else module.sample_flags.clone()
+    out["sample_flags"] = None if module.memory.flags is None else module.memory.flags.clone()
     return out
 
 

@@ -60,26 +60,21 @@ def test_ema_update_matches_a_float64_loop():
 
 
 def test_history_is_an_ema_of_log_scores_by_sample_over_every_step():
-    from types import SimpleNamespace
-
-    from ncu.lit_module import CLIPUnlearner
-
     rng = np.random.default_rng(2)
     n, m = 12, 0.7
-    module = SimpleNamespace(num_train=n, sample_history=None, device=torch.device("cpu"),
-                             detection={"momentum": m})
+    memory, cpu = detectors.SampleMemory(n), torch.device("cpu")
     ref: list[float | None] = [None] * n
     for step in range(25):
         index = rng.choice(n, size=5, replace=False)
         scores = rng.uniform(1e-3, 1.0, 5)
         if step == 3:  # a batch with an unknown sample (index -1) is not recorded at all
-            CLIPUnlearner.record_history(module, torch.tensor([0, -1]), torch.tensor([0.5, 0.5]))
-        CLIPUnlearner.record_history(module, torch.from_numpy(index), torch.from_numpy(scores).float())
+            memory.observe(torch.tensor([0, -1]), torch.tensor([0.5, 0.5]), m, cpu)
+        memory.observe(torch.from_numpy(index), torch.from_numpy(scores).float(), m, cpu)
         for i, s in zip(index, scores):
             ref[i] = np.log(s) if ref[i] is None else m * ref[i] + (1 - m) * np.log(s)
     seen = [i for i in range(n) if ref[i] is not None]
-    np.testing.assert_allclose(module.sample_history[seen].numpy(), [ref[i] for i in seen], rtol=1e-5)
-    assert torch.isnan(module.sample_history[[i for i in range(n) if ref[i] is None]]).all()
+    np.testing.assert_allclose(memory.history[seen].numpy(), [ref[i] for i in seen], rtol=1e-5)
+    assert torch.isnan(memory.history[[i for i in range(n) if ref[i] is None]]).all()
 
 
 @pytest.mark.slow
@@ -96,12 +91,12 @@ def test_the_history_spans_pretraining_and_travels_with_the_pretraining_cache(ma
     cached = torch.load(cache, weights_only=False)["ncu_sample_history"]
     n = len(objects["datamodule"].datasets["train"])
     assert cached.shape == (n,) and torch.isfinite(cached).float().mean() > 0.9 and (cached <= 0).all()
-    final = objects["module"].sample_history.cpu()
+    final = objects["module"].memory.history.cpu()
     seen = torch.isfinite(cached)
     assert torch.isfinite(final[seen]).all() and not torch.allclose(final[seen], cached[seen])
     _, _, fresh = run.build(cfg)
-    assert fresh.sample_history is None and run.load_cached_pretrain(fresh, cache)
-    torch.testing.assert_close(fresh.sample_history.cpu(), cached, equal_nan=True)
+    assert fresh.memory.history is None and run.load_cached_pretrain(fresh, cache)
+    torch.testing.assert_close(fresh.memory.history.cpu(), cached, equal_nan=True)
 
 
 @pytest.mark.slow
@@ -114,7 +109,16 @@ def test_a_run_with_the_mixture_logs_f1_the_estimated_rate_and_the_pass(make_cfg
         assert key in metrics and np.isfinite(metrics[key]), key
     assert 0 < metrics["train/nc_rate_est"] < 1
     module = objects["module"]
-    assert module.sample_flags.shape == (len(objects["datamodule"].datasets["train"]),)
+    assert module.memory.flags.shape == (len(objects["datamodule"].datasets["train"]),)
     assert metrics["train/nc_pass_seconds"] > 0
     on_disk = json.loads((objects["run_dir"] / "metrics.json").read_text())
     assert on_disk["train/nc_rate_est"] == pytest.approx(metrics["train/nc_rate_est"])
+
+
+def test_the_family_is_the_detectors_a_config_may_name():
+    from ncu.choices import DETECTORS
+
+    assert tuple(detectors.REGISTRY) == DETECTORS
+    assert [detectors.REGISTRY[n].per_sample for n in DETECTORS] == [False, False, True, True]
+    with pytest.raises(ValueError, match="method.detector='vote' is unknown"):
+        detectors.build("vote", {})

@@ -97,12 +97,14 @@ def test_default_stage2_trains_the_whole_model_and_keeps_the_negated_path(defaul
 
 
 def test_oracle_detector_flags_exactly_the_noisy_pairs(default_parts):
-    _, module, batch, _ = default_parts
+    _, module, batch, plan = default_parts
     module.method["detector"] = "oracle"
+    module.set_stage("unlearn", plan["unlearn"])  # the detector is resolved once per stage
     scores = torch.rand(len(batch["noisy"]))
     flagged, ranked = module.flag(scores, batch["noisy"])
     assert torch.equal(flagged, batch["noisy"].bool()) and torch.equal(ranked, scores)
     module.method["detector"] = "batch"
+    module.set_stage("unlearn", plan["unlearn"])
     assert int(module.flag(scores, batch["noisy"])[0].sum()) == int(0.4 * len(scores))
 
 
