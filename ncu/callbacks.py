@@ -10,7 +10,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+import torch
+
 from ncu.eval import plots
+from ncu.objectives import Batch
 
 
 def _wandb(trainer: L.Trainer) -> WandbLogger | None:
@@ -21,6 +24,8 @@ class DashboardImages(L.Callback):
     def __init__(self, examples: int = 8):
         self.examples = examples
         self.tmp: Path | None = None
+        self.scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # the epoch's (pair scores, noise labels)
+        self.batch: Batch | None = None  # the epoch's last batch
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
         # PNGs only pass through here: wandb copies each one into its own run dir when it is logged.
@@ -32,15 +37,25 @@ class DashboardImages(L.Callback):
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
+    def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
+        self.scores, self.batch = [], None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.tmp is None or module.last_step is None:
+            return
+        b, scores, noisy = module.last_step
+        self.scores.append((scores, noisy))  # to the CPU once per epoch, not per step
+        self.batch = Batch(b.v.float(), b.t.float(), b.s, b.flagged, b.tn.float() if b.tn is not None else None)
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
         logger = _wandb(trainer)
-        if logger is None or self.tmp is None or module.epoch_scores is None:
+        if logger is None or self.tmp is None or not self.scores:
             return
-        scores, noisy = module.epoch_scores
+        scores, noisy = (torch.cat(x).cpu() for x in zip(*self.scores))
         stem = f"{module.stage_name}_e{trainer.current_epoch}"
         images = {"train/nc_score_hist": plots.score_histogram(scores, noisy, self.tmp / f"hist_{stem}.png",
                                                                 title=f"{module.stage_name}: NC score")}
-        batch = module.last_batch
+        batch = self.batch
         images["train/similarity"] = plots.heatmap(batch.v @ batch.t.T, self.tmp / f"sim_{stem}.png",
                                                    "image-text cosine")
         # The objective's own targets with the options its loss used: the picture cannot drift from the loss.

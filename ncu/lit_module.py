@@ -70,6 +70,17 @@ def lr_key(stage: str) -> str:
     return "pretrain.stage.lr" if stage == "pretrain" else f"method.stages.{stage}.lr"
 
 
+def shift_tensors(sets: dict[str, Any]) -> dict[str, Any]:
+    """A style's sets (``PairDataModule.shifts``) as the tensors ``CLIPUnlearner.shift_metrics`` scores."""
+    test, zs = sets["test"], sets["zeroshot"]
+    index = {c: i for i, c in enumerate(sets["classnames"])}
+    items = [test[k] for k in range(len(test))]
+    return {"images": torch.stack([it["image"] for it in items]), "texts": torch.stack([it["text"] for it in items]),
+            "zs_images": torch.stack([zs[k]["image"] for k in range(len(zs))]),
+            "zs_labels": torch.tensor([index[c] for c in zs.frame["category"]], dtype=torch.long),
+            "classnames": sets["classnames"]}
+
+
 class CLIPUnlearner(L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, method: dict, optim: dict,
                  config: dict | None = None):
@@ -122,9 +133,9 @@ class CLIPUnlearner(L.LightningModule):
         self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
         self._eval_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_eval: dict[str, float] = {}
-        self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.epoch_scores: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last_batch: objectives.Batch | None = None
+        # The last step's (features, pair scores, noise labels) and the last val features, detached references
+        # the dashboard callback reads when it is on (ncu/callbacks.py keeps its own buffers).
+        self.last_step: tuple[objectives.Batch, torch.Tensor, torch.Tensor] | None = None
         self.last_val_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self.classnames: list[str] = []
         self.eval_labels: dict[str, torch.Tensor] = {}
@@ -133,6 +144,26 @@ class CLIPUnlearner(L.LightningModule):
         # Other styles of the test data (data.shifts): per style its test images and caption tokens, zero-shot
         # images, labels and class names; scored with every test split (``<prefix>/<style>/<metric>``).
         self.shift_sets: dict[str, dict[str, Any]] = {}
+        self._attached_dm: Any = None  # the data module these facts were read from (attach_data)
+
+    # ----- data -------------------------------------------------------------------------------------
+    def attach_data(self, dm: Any) -> None:
+        """What the module reads from its data module: the training split's size (per-sample detectors keep one
+        score per pair), the class names and labels of zero-shot evaluation, and the shifted styles' sets."""
+        self._attached_dm = dm
+        self.memory.num_train = len(dm.datasets["train"])
+        self.classnames = dm.classnames
+        self.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
+        if "zeroshot" in dm.datasets:  # a dedicated zero-shot task (scenes: single objects over the vocabulary)
+            zs = dm.datasets["zeroshot"]
+            self.classnames = dm.zeroshot_classnames
+            self.zeroshot_set = (torch.stack([zs[k]["image"] for k in range(len(zs))]), dm.category_labels("zeroshot"))
+        self.shift_sets = {style: shift_tensors(sets) for style, sets in dm.shifts.items()}
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and dm is not self._attached_dm and hasattr(dm, "category_labels"):
+            self.attach_data(dm)  # a Trainer given another PairDataModule than the one the module was built with
 
     # ----- stages -----------------------------------------------------------------------------------
     def set_stage(self, name: str, stage: dict) -> list[str]:
@@ -338,16 +369,14 @@ class CLIPUnlearner(L.LightningModule):
         self.memory.observe(index, scores, self.detection["momentum"], self.device)
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
-        self._scores.append((scores.detach(), noisy.detach()))  # to the CPU once per epoch, not per step
         tn = None
         if self.objective.negation != "none" and self.negation_mode != "none":
             tn = self.gather(self.negated_features(batch["caption"], t_local))
         world = self.trainer.world_size if self._trainer is not None else 1
         features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, world)
         loss, parts = self.objective.loss(features, **self.objective_options)
-        # Kept (detached) for the dashboard images of the last batch of the epoch.
-        self.last_batch = objectives.Batch(v.detach().float(), t.detach().float(), s.detach(), flagged,
-                                           tn.detach().float() if tn is not None else None)
+        self.last_step = (objectives.Batch(v.detach(), t.detach(), s.detach(), flagged,
+                                           tn.detach() if tn is not None else None), scores.detach(), noisy)
         self.stop_if_not_finite(loss, "the loss is")
         bs = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -380,7 +409,6 @@ class CLIPUnlearner(L.LightningModule):
                 self.model.logit_scale.clamp_(0, LOG_SCALE_MAX)
 
     def on_train_epoch_start(self) -> None:
-        self._scores.clear()
         self.pass_seconds = float("nan")
         if self.objective.flags:
             self.refresh_flags()
@@ -397,8 +425,6 @@ class CLIPUnlearner(L.LightningModule):
             self.log("train/nc_pass_seconds", self.pass_seconds)
             epoch_seconds = max(1e-9, time.perf_counter() - self._epoch_start)
             self.log("train/nc_pass_epoch_frac", self.pass_seconds / epoch_seconds)
-        scores, noisy = zip(*self._scores)
-        self.epoch_scores = (torch.cat(scores).cpu(), torch.cat(noisy).cpu())
 
     # ----- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:

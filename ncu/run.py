@@ -51,26 +51,8 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
     module = CLIPUnlearner(bundle.model, bundle.tokenizer, method,
                            OmegaConf.to_container(cfg.optim, resolve=True),
                            config=OmegaConf.to_container(cfg, resolve=True))
-    module.classnames = dm.classnames
-    module.memory.num_train = len(dm.datasets["train"])  # per-sample detectors keep one score per training pair
-    module.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
-    if "zeroshot" in dm.datasets:  # a dedicated zero-shot task (scenes: single objects over the vocabulary)
-        zs = dm.datasets["zeroshot"]
-        module.classnames = dm.zeroshot_classnames
-        module.zeroshot_set = (torch.stack([zs[k]["image"] for k in range(len(zs))]), dm.category_labels("zeroshot"))
-    module.shift_sets = {style: shift_tensors(sets) for style, sets in dm.shifts.items()}
+    module.attach_data(dm)
     return bundle, dm, module
-
-
-def shift_tensors(sets: dict[str, Any]) -> dict[str, Any]:
-    """A style's sets (``PairDataModule.shifts``) as the tensors ``CLIPUnlearner.shift_metrics`` scores."""
-    test, zs = sets["test"], sets["zeroshot"]
-    index = {c: i for i, c in enumerate(sets["classnames"])}
-    items = [test[k] for k in range(len(test))]
-    return {"images": torch.stack([it["image"] for it in items]), "texts": torch.stack([it["text"] for it in items]),
-            "zs_images": torch.stack([zs[k]["image"] for k in range(len(zs))]),
-            "zs_labels": torch.tensor([index[c] for c in zs.frame["category"]], dtype=torch.long),
-            "classnames": sets["classnames"]}
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -393,7 +375,7 @@ def load_stage_weights(run: Run, index: int) -> None:
     factory.check_state_dict(module, ckpt["state_dict"], path, module.hparams["config"].get("model", {}).get("name"),
                              factory.trained_model_name(ckpt), optional=("prompt.",))
     module.load_state_dict(ckpt["state_dict"], strict=False)
-    module.restore_history(ckpt)
+    module.memory.restore(ckpt, module.device)
 
 
 def check_checkpoint_config(run: Run, index: int, ckpt: dict, path: Path) -> None:
