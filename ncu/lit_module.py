@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from hydra.utils import instantiate
 
@@ -31,43 +30,6 @@ from ncu.text_aug import CaptionPerturber
 
 LOG_SCALE_MAX = math.log(100.0)
 ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
-
-
-def text_prefix(model: torch.nn.Module) -> str:
-    """Where the text tower's parameters live: ``""`` for open_clip CLIP, ``"text."`` for CustomTextCLIP."""
-    return "" if hasattr(model, "token_embedding") else "text."
-
-
-def text_blocks_to_freeze(model: torch.nn.Module, amount: float | int) -> int:
-    """``amount`` as a block count (int) or a fraction of the text blocks (float < 1, rounded)."""
-    n = len(text_tower(model).transformer.resblocks)
-    count = round(amount * n) if isinstance(amount, float) and amount < 1 else int(amount)
-    if not 0 <= count <= n:
-        raise ValueError(f"freeze_text_blocks={amount!r}: the text tower has {n} blocks")
-    return count
-
-
-def _numpy_state_to_safe() -> dict:
-    """numpy's RNG state as tensors and numbers, so checkpoints load with ``torch.load(weights_only=True)``."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _numpy_state_from_safe(state: dict) -> None:
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached"]))
-
-
-def non_finite_parameters(module: torch.nn.Module) -> list[str]:
-    """Names of the parameters holding NaN or inf (a diverged model). Buffers are left out: attention masks
-    hold -inf by design."""
-    return [name for name, x in module.named_parameters() if not bool(torch.isfinite(x).all())]
-
-
-def lr_key(stage: str) -> str:
-    """The config key of a stage's learning rate."""
-    return "pretrain.stage.lr" if stage == "pretrain" else f"method.stages.{stage}.lr"
 
 
 def shift_tensors(sets: dict[str, Any]) -> dict[str, Any]:
@@ -186,9 +148,9 @@ class CLIPUnlearner(L.LightningModule):
             freeze += [p for p, m in (("prompt.*", self.prompt), ("negation_head.*", self.negation_head))
                        if m is not None]
         if stage["freeze_token_embedding"]:
-            freeze.append(f"model.{text_prefix(self.model)}token_embedding.*")
-        n_blocks = text_blocks_to_freeze(self.model, stage["freeze_text_blocks"])
-        freeze += [f"model.{text_prefix(self.model)}transformer.resblocks.{i}.*" for i in range(n_blocks)]
+            freeze.append(f"model.{stages.text_prefix(self.model)}token_embedding.*")
+        n_blocks = stages.text_blocks_to_freeze(self.model, stage["freeze_text_blocks"])
+        freeze += [f"model.{stages.text_prefix(self.model)}transformer.resblocks.{i}.*" for i in range(n_blocks)]
         train = list(stage["train"])
         if objective.learns_negation and self.negation_head is not None:
             train.append("negation_head.*")  # part of the negated path: learned with the prompt
@@ -210,7 +172,7 @@ class CLIPUnlearner(L.LightningModule):
         if self.memory.history is not None:
             checkpoint["ncu_sample_history"] = self.memory.history.detach().cpu()
         checkpoint["ncu_rng"] = {
-            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state_to_safe(),
+            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": stages.numpy_state_to_safe(),
             "perturber": self.perturber.rng.getstate() if self.perturber is not None else None,
             "template": self.template_rng.getstate(),
         }
@@ -224,7 +186,7 @@ class CLIPUnlearner(L.LightningModule):
             return
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        _numpy_state_from_safe(rng["numpy"])
+        stages.numpy_state_from_safe(rng["numpy"])
         if self.perturber is not None and rng["perturber"] is not None:
             self.perturber.rng.setstate(rng["perturber"])
         self.template_rng.setstate(rng["template"])
@@ -354,7 +316,7 @@ class CLIPUnlearner(L.LightningModule):
         lr = optimizers[0].param_groups[0]["lr"] if optimizers else self.stage["lr"]
         step = self.trainer.global_step if self._trainer is not None else 0
         raise DivergedError(f"stage {self.stage_name!r} diverged at step {step} (lr {lr:.3g}): {what} not finite; "
-                            f"lower {lr_key(self.stage_name)} (or add warm-up)")
+                            f"lower {stages.lr_key(self.stage_name)} (or add warm-up)")
 
     # ----- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -451,7 +413,7 @@ class CLIPUnlearner(L.LightningModule):
             v, t = v[order[first]], t[order[first]]
         if not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
             raise DivergedError(f"the model's {split} features are not finite (a diverged model, at stage "
-                                f"{self.stage_name!r}: lower {lr_key(self.stage_name)} if it trained it); it is "
+                                f"{self.stage_name!r}: lower {stages.lr_key(self.stage_name)} if it trained it); it is "
                                 "not evaluated")
         if split == "val":
             self.last_val_features = (v, t)

@@ -27,7 +27,8 @@ from ncu.config import ConfigError, plan_stages, validate
 from ncu.errors import CheckpointError, DivergedError, StorageError
 from ncu.data.datamodule import DataStatsCallback, PairDataModule
 from ncu.files import atomic_path, storage_error
-from ncu.lit_module import CLIPUnlearner, lr_key, non_finite_parameters
+from ncu.lit_module import CLIPUnlearner
+from ncu.stages import lr_key, non_finite_parameters
 from ncu.models import factory
 
 log = logging.getLogger(__name__)

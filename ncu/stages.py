@@ -1,12 +1,16 @@
-"""Stage plumbing: which parameters train, optimizer groups, and the warm-up + cosine schedule."""
+"""Stage plumbing: which parameters train (freeze rules), optimizer groups, the warm-up + cosine schedule, the RNG
+state checkpoints carry, and the checks a stage's result must pass."""
 from __future__ import annotations
 
 import fnmatch
 import math
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
+
+from ncu.models.negation import text_tower
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -81,3 +85,40 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: f
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps, min_ratio)
     )
+
+
+def text_prefix(model: torch.nn.Module) -> str:
+    """Where the text tower's parameters live: ``""`` for open_clip CLIP, ``"text."`` for CustomTextCLIP."""
+    return "" if hasattr(model, "token_embedding") else "text."
+
+
+def text_blocks_to_freeze(model: torch.nn.Module, amount: float | int) -> int:
+    """``amount`` as a block count (int) or a fraction of the text blocks (float < 1, rounded)."""
+    n = len(text_tower(model).transformer.resblocks)
+    count = round(amount * n) if isinstance(amount, float) and amount < 1 else int(amount)
+    if not 0 <= count <= n:
+        raise ValueError(f"freeze_text_blocks={amount!r}: the text tower has {n} blocks")
+    return count
+
+
+def numpy_state_to_safe() -> dict:
+    """numpy's RNG state as tensors and numbers, so checkpoints load with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def numpy_state_from_safe(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached"]))
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf (a diverged model). Buffers are left out: attention masks
+    hold -inf by design."""
+    return [name for name, x in module.named_parameters() if not bool(torch.isfinite(x).all())]
+
+
+def lr_key(stage: str) -> str:
+    """The config key of a stage's learning rate."""
+    return "pretrain.stage.lr" if stage == "pretrain" else f"method.stages.{stage}.lr"
