@@ -218,7 +218,7 @@ EVAL_ADDITIONS = ["+run_overrides.data.limit=384", "+run_overrides.paths.noise_d
                                                        "+hydra.job.env_set.X=1"])
 def test_added_keys_that_a_config_defines_or_that_open_sections_take_pass(override):
     from conftest import compose_cfg
-    from ncu.config import check_added_keys
+    from ncu.config_keys import check_added_keys
 
     cfg = compose_cfg([override])
     check_added_keys(cfg)  # raises on an unknown key
@@ -233,7 +233,7 @@ def test_evaluate_added_keys_that_a_config_defines_pass(override):
 
 
 def test_added_key_decisions_per_config():
-    from ncu.config import unknown_added_key
+    from ncu.config_keys import unknown_added_key
 
     for key in ("run_overrides.data.limit", "run_overrides.paths.noise_dir", "run_overrides.data.n_val",
                 "run_overrides.method.stages.hn.warmup", "run_overrides.method.stages.new", "benchmark.tasks.cifar10",
@@ -268,7 +268,8 @@ def _recorded(task: list[str]) -> None:
 
 
 def test_group_selections_are_not_checked_as_keys():
-    from ncu.config import ConfigError, check_added_keys
+    from ncu.config import ConfigError
+    from ncu.config_keys import check_added_keys
 
     _recorded(["+experiment=smoke", "+hydra/launcher=slurm", "+hydra/sweeper=optuna", "+data@run_defaults.data=csv",
                "seed=1"])
