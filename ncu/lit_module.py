@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from ncu import detectors, stages
 from ncu.choices import ANCHORS, NEGATION_HEADS
-from ncu.data.datamodule import batch_size_of
+from ncu.data.stats import batch_size_of
 from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
 from ncu.eval.retrieval import retrieval_metrics

@@ -25,7 +25,8 @@ from ncu.callbacks import DashboardImages
 from ncu.choices import added_later_flat, cache_key_view
 from ncu.config import ConfigError, plan_stages, validate
 from ncu.errors import CheckpointError, DivergedError, StorageError
-from ncu.data.datamodule import DataStatsCallback, PairDataModule
+from ncu.data.datamodule import PairDataModule
+from ncu.data.stats import DataStatsCallback
 from ncu.files import atomic_path, storage_error
 from ncu.lit_module import CLIPUnlearner
 from ncu.stages import lr_key, non_finite_parameters

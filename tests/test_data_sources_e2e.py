@@ -16,7 +16,9 @@ from PIL import Image
 
 from conftest import ROOT, compose_cfg
 from ncu.config import ConfigError, validate
-from ncu.data.datamodule import DataStatsCallback, PairDataModule, ShardTrainSet, loader_throughput
+from ncu.data.datamodule import PairDataModule
+from ncu.data.stats import DataStatsCallback, loader_throughput
+from ncu.data.streams import ShardTrainSet
 from ncu.data.embedded import split_of
 from ncu.data.export import export
 from ncu.run import train

@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
 import ncu.data.wds as wds
-from ncu.data.datamodule import throughput
+from ncu.data.stats import throughput
 from ncu.data.noise import build_or_load, make_noise
 from ncu.data.wds import ShardPairs, build_index, expand_shards
 

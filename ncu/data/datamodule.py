@@ -13,21 +13,21 @@ import io
 import json
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from ncu.choices import cache_key_view
 from ncu.data import noise as noise_lib
 from ncu.data.embedded import embedded_pairs, split_of, unit_hash
 from ncu.data.images import load_image
+from ncu.data.streams import ShardLoader, ShardTrainSet, read_shard_samples
 from ncu.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -104,102 +104,6 @@ class PairDataset(Dataset):
         if self.tokenizer is not None:
             item["text"] = self.tokenizer([caption])[0]
         return item
-
-
-class ShardTrainSet(IterableDataset):
-    """The training stream of a shard source: a ``ShardPairs`` over the training keys (noise applied), with
-
-    - ``len()``: the number of training pairs (all ranks), as ``len(PairDataset)``;
-    - ``skipped`` / ``streamed``: undecodable images and pairs read in the current pass, summed over the
-      loader workers. Each worker writes its counts into a shared-memory tensor (one row per worker)
-      because a worker's own copy of the dataset is invisible to the main process.
-    """
-
-    def __init__(self, pairs: Any, num_pairs: int, num_workers: int = 0):
-        self.pairs, self.num_pairs = pairs, int(num_pairs)
-        self.counters = torch.zeros(max(1, num_workers), 2, dtype=torch.long).share_memory_()
-
-    # attach() sets the model's transform and tokenizer on every split's dataset.
-    @property
-    def transform(self) -> Callable | None:
-        return self.pairs.transform
-
-    @transform.setter
-    def transform(self, value: Callable | None) -> None:
-        self.pairs.transform = value
-
-    @property
-    def tokenizer(self) -> Callable | None:
-        return self.pairs.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value: Callable | None) -> None:
-        self.pairs.tokenizer = value
-
-    def __len__(self) -> int:
-        return self.num_pairs
-
-    def set_epoch(self, epoch: int) -> None:
-        self.pairs.set_epoch(epoch)
-
-    @property
-    def skipped(self) -> int:
-        return int(self.counters[:, 0].sum())
-
-    @property
-    def streamed(self) -> int:
-        return int(self.counters[:, 1].sum())
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        slot = info.id if info is not None else 0
-        inner = self.pairs  # in a worker process: that worker's copy
-        for item in inner:
-            self.counters[slot, 0], self.counters[slot, 1] = inner.skipped, inner.pairs
-            yield item
-        self.counters[slot, 0], self.counters[slot, 1] = inner.skipped, inner.pairs
-
-
-class ShardLoader(DataLoader):
-    """DataLoader of a ``ShardTrainSet`` that starts every pass at the next epoch (a new shard order, also
-    with fresh worker processes) and whose length bounds the batches of one rank from above.
-
-    The bound (ceil of pairs per rank / batch size) lets the stream, not a batch count, end the epoch:
-    every shard is read to its end, so the pass is complete and its counters are final. Undecodable images
-    and the remainder each worker drops (``drop_last``) make the real count a little lower.
-    Under DDP every rank must take the same number of steps: when ranks may get unequal shares (few or
-    unequal shards), cap the epoch with an integer ``trainer.limit_train_batches`` below the smallest share.
-    """
-
-    def __init__(self, dataset: ShardTrainSet, next_epoch: Callable[[], int], world_size: int = 1,
-                 **kwargs: Any):
-        super().__init__(dataset, **kwargs)
-        self.next_epoch, self.world_size = next_epoch, world_size
-
-    def __iter__(self) -> Any:
-        self.dataset.set_epoch(self.next_epoch())
-        self.dataset.counters.zero_()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.dataset) / self.world_size) / self.batch_size)
-
-
-def read_shard_samples(shards: Sequence[str], keys: set[str]) -> dict[str, tuple[str, bytes | None, str]]:
-    """``{key: (shard, image bytes or None, category)}`` for the samples of ``keys``, in one pass over the
-    shards. The category is the ``.json`` field ``category`` when present, else ``"none"``."""
-    from ncu.data.wds import sample_image, sample_meta, samples_until_broken
-
-    found: dict[str, tuple[str, bytes | None, str]] = {}
-    for shard in shards:
-        for key, parts in samples_until_broken(shard):
-            if key not in keys:
-                continue
-            ext = sample_image(parts)
-            category = sample_meta(parts).get("category")
-            category = category.strip() if isinstance(category, str) and category.strip() else "none"
-            found[key] = (shard, parts[ext] if ext else None, category)
-    return found
 
 
 class PairDataModule(L.LightningDataModule):
@@ -519,75 +423,3 @@ class PairDataModule(L.LightningDataModule):
         names = self.zeroshot_classnames if split == "zeroshot" else self.classnames
         index = {c: i for i, c in enumerate(names)}
         return torch.tensor([index[c] for c in cats], dtype=torch.long)
-
-
-def batch_size_of(batch: Any) -> int:
-    if isinstance(batch, dict):
-        return len(batch["caption"])
-    return len(batch)
-
-
-class DataStatsCallback(L.Callback):
-    """Logs at every training epoch end:
-
-    - ``data/pairs_per_s``: training pairs per second of wall time from the epoch start to the end of its
-      last training batch, summed over ranks. End to end: it includes the model's forward/backward, so it
-      is a lower bound on the loader's own rate (``loader_throughput`` measures that alone).
-    - ``data/skipped``: unreadable images (``PairDataModule.skipped``; the stream part summed over ranks).
-    - ``data/<count>``: the other counts of ``PairDataModule.stats()`` (pairs per split, CSV caption counts,
-      shard index counts).
-    """
-
-    def __init__(self) -> None:
-        self._pairs, self._t0, self._t1 = 0, 0.0, 0.0
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pairs, self._t0 = 0, time.perf_counter()
-        self._t1 = self._t0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self._pairs += batch_size_of(batch)
-        self._t1 = time.perf_counter()
-
-    def _sum_over_ranks(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> float:
-        total = trainer.strategy.reduce(torch.tensor(float(value), device=pl_module.device), reduce_op="sum")
-        return float(total)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seconds = self._t1 - self._t0
-        rate = self._sum_over_ranks(trainer, pl_module, self._pairs / seconds if seconds > 0 else 0.0)
-        values = {"data/pairs_per_s": rate}
-        dm = trainer.datamodule
-        if isinstance(dm, PairDataModule):
-            dm.pairs_per_s = rate
-            stats = dm.stats()
-            train = dm.datasets.get("train")
-            if isinstance(train, ShardTrainSet):  # each rank streams its own shards
-                stream = self._sum_over_ranks(trainer, pl_module, train.skipped)
-                stats["skipped"] = float(dm.skipped - train.skipped) + stream
-            values.update({f"data/{k}": v for k, v in stats.items() if k != "pairs_per_s"})
-        for name, value in values.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
-
-
-def throughput(loader: Any, max_batches: int | None = None) -> dict[str, float]:
-    """Pairs per second delivered by ``loader`` (all workers together) over ``max_batches`` batches or one
-    pass, whichever ends first, including starting the worker processes."""
-    pairs, batches, t0 = 0, 0, time.perf_counter()
-    for batch in loader:
-        pairs += batch_size_of(batch)
-        batches += 1
-        if max_batches is not None and batches >= max_batches:
-            break
-    seconds = time.perf_counter() - t0
-    return {"pairs": float(pairs), "batches": float(batches), "seconds": seconds,
-            "pairs_per_s": pairs / seconds if seconds > 0 else 0.0}
-
-
-def loader_throughput(dm: PairDataModule, n_batches: int = 20) -> dict[str, float]:
-    """Pure loader speed of ``dm.train_dataloader()`` (decoding, transform, tokenisation and collation; no
-    model), see :func:`throughput`. For the in-memory sources the images were decoded in ``setup``: time
-    that separately."""
-    dm.setup()
-    return throughput(dm.train_dataloader(), n_batches)

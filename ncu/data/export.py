@@ -168,7 +168,8 @@ def bench(result: dict[str, Any], out: Path, batch_size: int = 64, n_batches: in
     from omegaconf import OmegaConf
 
     from ncu.config import compose_config
-    from ncu.data.datamodule import PairDataModule, loader_throughput
+    from ncu.data.datamodule import PairDataModule
+    from ncu.data.stats import loader_throughput
     from ncu.models import factory
 
     sources = {"csv": [f"data.path={result['csv']}", "data.category_key=category", "data.key_key=key"]
