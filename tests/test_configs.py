@@ -104,7 +104,7 @@ def test_paper_presets_hold_the_official_cc3m_recipe():
 
 def test_named_template_sets():
     from ncu.eval.benchmarks import named_templates
-    from ncu.eval.suite import class_prompts
+    from ncu.eval.tasks import class_prompts
 
     assert len(named_templates("imagenet")) == 80
     assert named_templates("laclip")[:2] == ["itap of a {}.", "a bad photo of the {}."]

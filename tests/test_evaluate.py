@@ -16,7 +16,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import CONF, ROOT, assert_figure, compose_cfg
 from ncu.config import ConfigError
-from ncu.eval.suite import TASKS, align_labels, batch_nc_scores, classification_set, evaluate, suite_tasks
+from ncu.eval.suite import evaluate, suite_tasks
+from ncu.eval.tasks import TASKS, align_labels, batch_nc_scores, classification_set
 from ncu.run import HEADLINE, train
 
 # The smoke experiment, shortened to 2 steps per stage (the evaluation is under test, not the training).
@@ -99,7 +100,7 @@ def test_detection_figures_against_the_noise_artifact(smoke_run, embedded_eval):
 
 def test_category_probe_uses_each_training_row_own_image(embedded_eval):
     from ncu.data.images import load_image
-    from ncu.eval.suite import _own_images
+    from ncu.eval.tasks import _own_images
 
     _, objects = embedded_eval
     ds = objects["datamodule"].datasets["train"]
