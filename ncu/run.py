@@ -22,14 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncu import resume
 from ncu.callbacks import DashboardImages
-from ncu.choices import added_later_flat, cache_key_view
 from ncu.config import ConfigError, plan_stages, validate
 from ncu.errors import CheckpointError, DivergedError, StorageError
 from ncu.data.datamodule import PairDataModule
 from ncu.data.stats import DataStatsCallback
 from ncu.files import atomic_path, storage_error
 from ncu.lit_module import CLIPUnlearner
-from ncu.stages import lr_key, non_finite_parameters
+from ncu.stages import lr_key, non_finite_parameters, pretrain_cache_path, pretrain_spec
 from ncu.models import factory
 
 log = logging.getLogger(__name__)
@@ -434,42 +433,6 @@ def mid_stage_checkpoint(run: Run, index: int) -> str | None:
         return None
     check_checkpoint_config(run, index, ckpt, last)
     return str(last)
-
-
-def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | None:
-    """Where the pre-trained checkpoint of this (model, data, noise, pre-training recipe, seed) is kept.
-
-    Sweeps over methods share it instead of pre-training again; any change to what pre-training
-    depends on gives another key. ``dataset`` is the data module's ``dataset_key``, which also tells
-    which embedded sources were present (TuxPaint is optional), as the noise artifacts are keyed."""
-    if not cfg.pretrain.get("cache", True):
-        return None
-    spec = {**pretrain_spec(cfg, stage), "dataset": dataset}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    n = cfg.noise
-    name = f"{cfg.model.name}_{dataset}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
-    return Path(cfg.paths.pretrain_dir) / name
-
-
-def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
-    """What a pre-training's result depends on (model, data, noise, the stage's recipe, seed, optimiser,
-    trainer numerics): the key of the shared cache, and what a resume compares for a pre-training."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-            if k not in ("cache_dir", "shifts")}  # where the scenes are kept, and the evaluation-only styles
-    model = cache_key_view("model", OmegaConf.to_container(cfg.model, resolve=True))
-    spec = {
-        "model": model, "data": cache_key_view("data", data), "noise": cfg.noise,
-        "stage": cache_key_view("stage", stage),
-        "seed": cfg.seed,
-        # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum (a
-        # config saved before every method had it: the momentum that applied then)
-        "history_momentum": OmegaConf.select(cfg, "method.detection.momentum",
-                                             default=added_later_flat()["method.detection.momentum"]),
-        "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
-        "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
-                                                  "gradient_clip_val")},
-    }
-    return OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

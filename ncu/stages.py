@@ -1,14 +1,20 @@
 """Stage plumbing: which parameters train (freeze rules), optimizer groups, the warm-up + cosine schedule, the RNG
-state checkpoints carry, and the checks a stage's result must pass."""
+state checkpoints carry, the checks a stage's result must pass, and the key of the shared pre-training cache."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from ncu.choices import added_later_flat, cache_key_view
 
 from ncu.models.negation import text_tower
 
@@ -122,3 +128,40 @@ def non_finite_parameters(module: torch.nn.Module) -> list[str]:
 def lr_key(stage: str) -> str:
     """The config key of a stage's learning rate."""
     return "pretrain.stage.lr" if stage == "pretrain" else f"method.stages.{stage}.lr"
+
+
+# ----- the shared pre-training cache ---------------------------------------------------------------------
+def pretrain_cache_path(cfg: DictConfig, stage: dict, dataset: str) -> Path | None:
+    """Where the pre-trained checkpoint of this (model, data, noise, pre-training recipe, seed) is kept.
+
+    Sweeps over methods share it instead of pre-training again; any change to what pre-training
+    depends on gives another key. ``dataset`` is the data module's ``dataset_key``, which also tells
+    which embedded sources were present (TuxPaint is optional), as the noise artifacts are keyed."""
+    if not cfg.pretrain.cache:
+        return None
+    spec = {**pretrain_spec(cfg, stage), "dataset": dataset}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    n = cfg.noise
+    name = f"{cfg.model.name}_{dataset}_{n.protocol}{n.rate:g}-ns{n.seed}_seed{cfg.seed}_{key}.ckpt"
+    return Path(cfg.paths.pretrain_dir) / name
+
+
+def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
+    """What a pre-training's result depends on (model, data, noise, the stage's recipe, seed, optimiser,
+    trainer numerics): the key of the shared cache, and what a resume compares for a pre-training."""
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("cache_dir", "shifts")}  # where the scenes are kept, and the evaluation-only styles
+    model = cache_key_view("model", OmegaConf.to_container(cfg.model, resolve=True))
+    spec = {
+        "model": model, "data": cache_key_view("data", data), "noise": cfg.noise,
+        "stage": cache_key_view("stage", stage),
+        "seed": cfg.seed,
+        # the cache also carries each sample's history (ncu_sample_history), averaged with this momentum (a
+        # config saved before every method had it: the momentum that applied then)
+        "history_momentum": OmegaConf.select(cfg, "method.detection.momentum",
+                                             default=added_later_flat()["method.detection.momentum"]),
+        "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
+        "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
+                                                  "gradient_clip_val")},
+    }
+    return OmegaConf.to_container(OmegaConf.create(spec), resolve=True)

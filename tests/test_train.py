@@ -178,7 +178,7 @@ def test_pretraining_cache_is_keyed_on_the_data_present_not_only_the_data_config
     import pandas as pd
 
     from ncu.data.datamodule import PairDataModule
-    from ncu.run import pretrain_cache_path
+    from ncu.stages import pretrain_cache_path
 
     cfg = make_cfg("data=embedded")
     dm = PairDataModule(dict(cfg.data), dict(cfg.noise), noise_dir=str(tmp_path / "noise"))
