@@ -45,7 +45,7 @@ class DashboardImages(L.Callback):
             return
         b, scores, noisy = module.last_step
         self.scores.append((scores, noisy))  # to the CPU once per epoch, not per step
-        self.batch = Batch(b.v.float(), b.t.float(), b.s, b.flagged, b.tn.float() if b.tn is not None else None)
+        self.batch = b  # in float32 at the epoch's end, for the last batch only
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
         logger = _wandb(trainer)
@@ -55,7 +55,8 @@ class DashboardImages(L.Callback):
         stem = f"{module.stage_name}_e{trainer.current_epoch}"
         images = {"train/nc_score_hist": plots.score_histogram(scores, noisy, self.tmp / f"hist_{stem}.png",
                                                                 title=f"{module.stage_name}: NC score")}
-        batch = self.batch
+        b = self.batch
+        batch = Batch(b.v.float(), b.t.float(), b.s, b.flagged, b.tn.float() if b.tn is not None else None)
         images["train/similarity"] = plots.heatmap(batch.v @ batch.t.T, self.tmp / f"sim_{stem}.png",
                                                    "image-text cosine")
         # The objective's own targets with the options its loss used: the picture cannot drift from the loss.

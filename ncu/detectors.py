@@ -116,6 +116,13 @@ class SampleMemory:
         self.history = history.to(device).float().clone()
         return True
 
+    def take_pass(self, passed: torch.Tensor | None) -> bool:
+        """A scoring pass's scores into the bank where it has one (False when the source gave none)."""
+        if passed is None:
+            return False
+        self.scores.copy_(torch.where(torch.isnan(passed), self.scores, passed))
+        return True
+
     def fit(self, threshold: float, seed: int) -> None:
         """The two-component mixture on the known scores: flags, p_clean and the estimated rate. Samples
         without a score are not flagged."""
@@ -181,9 +188,7 @@ class Mixture(Detector):
     def refresh(self, memory, scoring_pass, seed, device):
         bank = memory.bank(device)
         if self.source == "pass" or bool(torch.isnan(bank).all()):
-            passed = scoring_pass()
-            if passed is not None:
-                bank.copy_(torch.where(torch.isnan(passed), bank, passed))
+            memory.take_pass(scoring_pass())
         memory.fit(self.threshold, seed)
 
 
@@ -213,8 +218,7 @@ class History(Detector):
             bank.copy_(memory.history.exp())
         if bool(torch.isnan(bank).all()):
             passed = scoring_pass()
-            if passed is not None:
-                bank.copy_(torch.where(torch.isnan(passed), bank, passed))
+            if memory.take_pass(passed):
                 # no history yet (a model given by model.pretrained): it starts here; NaN stays NaN
                 memory.history = passed.clamp_min(EPS).log().to(bank.device)
         memory.fit(self.threshold, seed)

@@ -313,7 +313,7 @@ class CLIPUnlearner(L.LightningModule):
         if bool(torch.isfinite(value).all()):
             return
         optimizers = self.trainer.optimizers if self._trainer is not None else []
-        lr = optimizers[0].param_groups[0]["lr"] if optimizers else self.stage["lr"]
+        lr = optimizers[0].param_groups[0]["lr"] if optimizers else (self.stage["lr"] if self.stage else float("nan"))
         step = self.trainer.global_step if self._trainer is not None else 0
         raise DivergedError(f"stage {self.stage_name!r} diverged at step {step} (lr {lr:.3g}): {what} not finite; "
                             f"lower {stages.lr_key(self.stage_name)} (or add warm-up)")
