@@ -94,7 +94,6 @@ class CLIPUnlearner(L.LightningModule):
         self._fit_start: float | None = None
         self.test_prefix = "test"  # run.train sets "pretrain" to evaluate the model before fine-tuning
         self._eval_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.last_eval: dict[str, float] = {}
         # The last step's (features, pair scores, noise labels) and the last val features, detached references
         # the dashboard callback reads when it is on (ncu/callbacks.py keeps its own buffers).
         self.last_step: tuple[objectives.Batch, torch.Tensor, torch.Tensor] | None = None
@@ -194,7 +193,7 @@ class CLIPUnlearner(L.LightningModule):
     # ----- features ---------------------------------------------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The global batch: all ranks' rows, with gradients flowing back to each rank's own rows."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if not self.has_trainer or self.trainer.world_size == 1:
             return x
         return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
 
@@ -232,7 +231,7 @@ class CLIPUnlearner(L.LightningModule):
 
     def warming_up(self) -> bool:
         """Inside the stage's ``flag_after`` warm-up epochs (plain InfoNCE before a detector acts)."""
-        epoch = self.current_epoch if self._trainer is not None else 0
+        epoch = self.current_epoch if self.has_trainer else 0
         return bool(self.stage) and epoch < int(self.stage["flag_after"])
 
     def flag(self, scores: torch.Tensor, noisy: torch.Tensor,
@@ -260,14 +259,14 @@ class CLIPUnlearner(L.LightningModule):
         ``scoring_loader``: training-sized batches of a seeded order, evaluation transforms). Under DDP rank r
         takes batches r, r+W, ... and the ranks sum their parts: the same scores as one process. None when
         the source has no such loader (shards)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule if self.has_trainer else None
         seed = int(self.hparams["config"]["seed"]) + self.current_epoch
         loader = dm.scoring_loader(seed) if dm is not None and hasattr(dm, "scoring_loader") else None
         if loader is None:
             return None
         start, was = time.perf_counter(), self.training
         self.eval()
-        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        world, rank = (self.trainer.world_size, self.global_rank) if self.has_trainer else (1, 0)
         total = torch.zeros(self.memory.num_train, dtype=torch.float64, device=self.device)
         count = torch.zeros(self.memory.num_train, dtype=torch.float64, device=self.device)
         for batch, scores in self._scored_batches(loader, lambda i: i % world == rank):
@@ -304,6 +303,11 @@ class CLIPUnlearner(L.LightningModule):
                 t = self.model.encode_text(batch["text"].to(self.device), normalize=True)
                 yield batch, ncu_obj.nc_scores(v, t, s)
 
+    @property
+    def has_trainer(self) -> bool:
+        """Attached to a Trainer (``self.trainer`` raises when not: the tests call steps on a bare module)."""
+        return self._trainer is not None
+
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
@@ -312,9 +316,9 @@ class CLIPUnlearner(L.LightningModule):
         checkpointed, cached or evaluated as a result."""
         if bool(torch.isfinite(value).all()):
             return
-        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        optimizers = self.trainer.optimizers if self.has_trainer else []
         lr = optimizers[0].param_groups[0]["lr"] if optimizers else (self.stage["lr"] if self.stage else float("nan"))
-        step = self.trainer.global_step if self._trainer is not None else 0
+        step = self.trainer.global_step if self.has_trainer else 0
         raise DivergedError(f"stage {self.stage_name!r} diverged at step {step} (lr {lr:.3g}): {what} not finite; "
                             f"lower {stages.lr_key(self.stage_name)} (or add warm-up)")
 
@@ -334,7 +338,7 @@ class CLIPUnlearner(L.LightningModule):
         tn = None
         if self.objective.negation != "none" and self.negation_mode != "none":
             tn = self.gather(self.negated_features(batch["caption"], t_local))
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size if self.has_trainer else 1
         features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, world)
         loss, parts = self.objective.loss(features, **self.objective_options)
         self.last_step = (objectives.Batch(v.detach(), t.detach(), s.detach(), flagged,
@@ -363,7 +367,7 @@ class CLIPUnlearner(L.LightningModule):
         self._fit_start = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size if self.has_trainer else 1
         self.cost["samples"] += batch_size_of(batch) * world
         # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
         if self.stage["clamp_logit_scale"]:
@@ -403,7 +407,7 @@ class CLIPUnlearner(L.LightningModule):
     def _eval_end(self, split: str, prefix: str) -> None:
         v, t, index = (torch.cat([f[i] for f in self._eval_feats]) for i in range(3))
         self._eval_feats.clear()
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self.has_trainer and self.trainer.world_size > 1:
             # Evaluation sets are small: score them whole on every rank. The distributed sampler interleaves
             # ranks and pads with repeats: back to dataset order, each sample once.
             v, t, index = (self.all_gather(x).flatten(0, 1) for x in (v, t, index))
@@ -428,9 +432,9 @@ class CLIPUnlearner(L.LightningModule):
         if split == "test":
             for style, sets in self.shift_sets.items():
                 metrics.update({f"{style}/{k}": val for k, val in self.shift_metrics(sets).items()})
-        self.last_eval = {f"{prefix}/{k}": float(val) for k, val in metrics.items()}
-        for k, val in self.last_eval.items():
-            self.log(k, val, prog_bar=k.endswith("rsum"), sync_dist=False)
+        for k, val in metrics.items():  # float64: trainer.test/validate return them unrounded to run.py
+            self.log(f"{prefix}/{k}", torch.tensor(float(val), dtype=torch.float64), prog_bar=k.endswith("rsum"),
+                     sync_dist=False)
 
     @torch.no_grad()
     def shift_metrics(self, sets: dict[str, Any], chunk: int = 256) -> dict[str, float]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +12,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -28,6 +25,7 @@ from ncu.data.datamodule import PairDataModule
 from ncu.data.stats import DataStatsCallback
 from ncu.files import atomic_path, storage_error
 from ncu.lit_module import CLIPUnlearner
+from ncu.loggers import build_loggers, finish_wandb, set_stage_start
 from ncu.stages import lr_key, non_finite_parameters, pretrain_cache_path, pretrain_spec
 from ncu.models import factory
 
@@ -56,41 +54,6 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
     return bundle, dm, module
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    loggers = []
-    for name, lcfg in (cfg.get("logger") or {}).items():
-        if lcfg is None or "_target_" not in lcfg:
-            continue
-        if name == "wandb":
-            logger = instantiate(lcfg, id=wandb_run_id(Path(cfg.paths.output_dir)), resume="allow")
-            full = OmegaConf.to_container(cfg, resolve=True)
-            if HydraConfig.initialized():
-                full["hydra_choices"] = dict(HydraConfig.get().runtime.choices)
-                full["overrides"] = list(HydraConfig.get().overrides.task)
-            logger.log_hyperparams(full)  # the full resolved config, not only the module's
-            loggers.append(logger)
-        else:
-            loggers.append(instantiate(lcfg))
-    return loggers
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """One wandb run per run dir: the id is stored there so ``resume=auto`` continues the same run."""
-    path = run_dir / "wandb_id.txt"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(uuid.uuid4().hex[:8] + "\n")
-    try:
-        os.link(tmp, path)  # the first rank to get here decides the id
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return path.read_text().strip()
-
-
 def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Path, index: int, name: str,
                   step_offset: int) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -106,8 +69,7 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
         callbacks.append(RichProgressBar())
     trainer = instantiate(cfg.trainer, max_epochs=stage["epochs"], logger=loggers or False, callbacks=callbacks,
                           plugins=[AtomicCheckpointIO()])
-    # Stages are separate fits; continue the logged step so dashboards show one x-axis for the run.
-    trainer.fit_loop.epoch_loop._batches_that_stepped = step_offset
+    set_stage_start(loggers, step_offset)  # the stage's steps continue the run's on the dashboards
     return trainer
 
 
@@ -124,9 +86,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def test_metrics(trainer: L.Trainer, module: CLIPUnlearner, dm: PairDataModule, prefix: str) -> dict[str, float]:
+    """The test pass's metrics, logged (and returned by ``trainer.test``) under ``prefix``."""
     module.test_prefix = prefix
-    trainer.test(module, datamodule=dm, verbose=False)
-    return dict(module.last_eval)
+    return eval_results(trainer.test(module, datamodule=dm, verbose=False), prefix)
+
+
+def eval_results(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """What ``trainer.test`` / ``trainer.validate`` returned (one dict per dataloader), the keys under ``prefix``."""
+    return {k: float(v) for k, v in results[0].items() if k.startswith(f"{prefix}/")}
 
 
 def entry_metrics(cfg: DictConfig, trainer: L.Trainer, module: CLIPUnlearner,
@@ -134,9 +101,8 @@ def entry_metrics(cfg: DictConfig, trainer: L.Trainer, module: CLIPUnlearner,
     """The model entering fine-tuning: test metrics, val rSum (``pretrain/val_rsum``, what stage-end
     numbers are compared with) and its NC detection over the whole training split (``pretrain/nc_*``)."""
     out = test_metrics(trainer, module, dm, "pretrain")
-    trainer.validate(module, datamodule=dm, verbose=False)
-    out.update({f"pretrain/val_{k.split('/', 1)[1]}": v for k, v in module.last_eval.items()
-                if k.endswith(("rsum", "zeroshot_top1"))})
+    val = eval_results(trainer.validate(module, datamodule=dm, verbose=False), "val")
+    out.update({f"pretrain/val_{k.split('/', 1)[1]}": v for k, v in val.items() if k.endswith(("rsum", "zeroshot_top1"))})
     loader = dm.scoring_loader(cfg.seed) if cfg.pretrain.get("detection", True) else None
     if loader is not None:
         out.update({f"pretrain/nc_{k}": v for k, v in module.detection_pass(loader).items()})
@@ -322,7 +288,7 @@ def fit_stage(run: Run, index: int, name: str, stage: dict) -> None:
     log.info("stage %d/%d: %s (%s, %d epochs)%s", index + 1, len(run.plan), name, stage["objective"],
              stage["epochs"], f", resumed from {resume_from}" if resume_from else "")
     trainer.fit(run.module, datamodule=run.dm, ckpt_path=resume_from, weights_only=not trusted)
-    run.progress["step"] = trainer.fit_loop.epoch_loop._batches_that_stepped
+    run.progress["step"] += trainer.global_step  # optimizer steps: the stage's trainer counts from 0
     # Read now: a test run would reset them.
     run.progress["fit_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
                                    if k.startswith(("train/", "val/")) and v.numel() == 1}
@@ -354,8 +320,9 @@ def finish(run: Run) -> None:
     stages = [name for name, _ in run.plan if f"cost/{name}_samples" in metrics]
     metrics["cost/total_samples"] = float(sum(metrics[f"cost/{n}_samples"] for n in stages))
     metrics["cost/total_seconds"] = float(sum(metrics[f"cost/{n}_seconds"] for n in stages))
+    set_stage_start(run.loggers, run.step)
     for lg in run.loggers:
-        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/", "cost/"))}, run.step)
+        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("pretrain/", "test/", "cost/"))}, 0)
     write_json(run.run_dir / "metrics.json", metrics)
     if run.cfg.get("print_table", True):
         print_table(metrics)
@@ -438,13 +405,3 @@ def mid_stage_checkpoint(run: Run, index: int) -> str | None:
 def copy_atomic(src: Path, dst: Path) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-
-
-def finish_wandb() -> None:
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover
-        return
-    if wandb.run is not None:
-        wandb.finish()
-
