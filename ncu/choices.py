@@ -27,6 +27,7 @@ ADDED_LATER = {
     "model": {"logit_scale": None},
     "data": {"train_size": None},
     "stage": {"detector": None, "flag_after": 0, "detection": {}},
+    "optim": {"accum_freq": 1},
     "method": {"local_loss": False, "detection": {"threshold": 0.5, "source": "running", "momentum": 0.9,
                                                   "cut": "gmm"}},
 }

@@ -134,6 +134,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg)
     _validate_method(cfg)
     _validate_solver(cfg)
+    _validate_accumulation(cfg)
     if _local_multirun() and "ddp" in str(cfg.trainer.get("strategy")) and "SLURM_NTASKS" not in os.environ:
         raise ConfigError("trainer=ddp inside a local multirun: use hydra/launcher=slurm, or run the points one by one")
     plan = plan_stages(cfg)
@@ -144,6 +145,20 @@ def validate(cfg: DictConfig) -> None:
     _warn_empty_quota(cfg, plan)
 
 
+def _validate_accumulation(cfg: DictConfig) -> None:
+    """Every objective here couples the batch (InfoNCE's negatives, the NC quota, the OT plan): Lightning's
+    accumulation would compute it per micro-batch, a different method. optim.accum_freq keeps the whole batch."""
+    _number(cfg.optim.accum_freq, "optim.accum_freq", low=1, integer=True)
+    lightning_accum = cfg.trainer.get("accumulate_grad_batches") or 1
+    if lightning_accum != 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={lightning_accum} would compute the objective per "
+                          f"micro-batch (its negatives, NC quota and OT plan): use optim.accum_freq={lightning_accum}, "
+                          "which computes it over the whole accumulated batch")
+    if cfg.optim.accum_freq > 1 and cfg.trainer.get("gradient_clip_val") is not None:
+        raise ConfigError("trainer.gradient_clip_val is not supported with optim.accum_freq > 1 (the module takes its "
+                          "own optimizer steps); leave it null")
+
+
 def _warn_empty_quota(cfg: DictConfig, plan: list[tuple[str, dict]]) -> None:
     """The per-batch quota flags k = floor(nc_ratio * batch) pairs of the global batch (``nc_count``, same
     rule; without torch): warn when that is 0 for a stage that acts on the flags, which then flags nothing."""
@@ -151,7 +166,7 @@ def _warn_empty_quota(cfg: DictConfig, plan: list[tuple[str, dict]]) -> None:
     if method.detector != "batch":
         return
     acting = [name for name, stage in plan if stage["objective"] in objectives.flag_objectives()]
-    ratio, batch = method.nc_ratio, cfg.data.batch_size
+    ratio, batch = method.nc_ratio, cfg.data.batch_size * cfg.optim.accum_freq  # the batch the quota sees
     k = int(ratio * batch) if method.nc_count == "truncate" else math.floor(ratio * batch + 1e-9)
     if acting and k == 0:
         _warn_once(f"method.nc_ratio={ratio:g} with data.batch_size={batch} flags k = floor({ratio:g} x {batch}) = "

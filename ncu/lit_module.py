@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from ncu import detectors, stages
+from ncu import accum, detectors, stages
 from ncu.choices import ANCHORS, NEGATION_HEADS
 from ncu.data.stats import batch_size_of
 from ncu.errors import DivergedError
@@ -51,6 +51,11 @@ class CLIPUnlearner(L.LightningModule):
         self.save_hyperparameters({"config": config or {}})
         self.model, self.tokenizer = model, tokenizer
         self.method, self.optim = dict(method), dict(optim)
+        # optim.accum_freq > 1: the module takes its own optimizer steps, one per K micro-batches (accumulate).
+        self.accum_freq = int(self.optim["accum_freq"])
+        self.automatic_optimization = self.accum_freq == 1
+        self._micro: list[tuple[dict, accum.MicroBatch]] = []
+        self._accumulated_samples = 0
         seed = self.hparams["config"]["seed"]
         neg = self.method["negation"]
         self.negation_mode = neg["mode"]
@@ -158,7 +163,11 @@ class CLIPUnlearner(L.LightningModule):
     def configure_optimizers(self):
         st = self.stage
         optimizer = stages.make_adamw(self, st, self.optim)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.accum_freq > 1:  # one step per K micro-batches; an epoch's last partial group makes none
+            epochs = max(1, int(self.trainer.max_epochs))
+            total = total // epochs // self.accum_freq * epochs
+        total = max(1, total)
         scheduler = stages.make_scheduler(optimizer, total, st["warmup"], st["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -197,15 +206,22 @@ class CLIPUnlearner(L.LightningModule):
             return x
         return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
 
-    def negated_features(self, captions: list[str], t: torch.Tensor, perturb: bool = True) -> torch.Tensor:
-        """t~ of ``captions`` (their own caption features ``t`` are the anchor when ``anchor=band``)."""
+    def negated_tokens(self, captions: list[str], perturb: bool = True) -> torch.Tensor:
+        """Tokens of the negated ``captions`` (their EDA perturbation and templates drawn here, once)."""
         neg = self.method["negation"]
-        tokens = build_negated_tokens(self.tokenizer, captions, neg["n_ctx"],
-                                      self.perturber if perturb else None, self.negation_mode,
-                                      neg["templates"], self.template_rng if perturb else random.Random(0))
+        return build_negated_tokens(self.tokenizer, captions, neg["n_ctx"], self.perturber if perturb else None,
+                                    self.negation_mode, neg["templates"],
+                                    self.template_rng if perturb else random.Random(0))
+
+    def encode_negated(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """t~ of negated tokens (their own caption features ``t`` are the anchor when ``anchor=band``)."""
         e = negated_text_features(self.model, self.prompt, tokens.to(self.device), self.negation_mode,
                                   self.negation_head)
         return anchor_at_angle(t, e, self.anchor_cos) if self.anchor == "band" else e
+
+    def negated_features(self, captions: list[str], t: torch.Tensor, perturb: bool = True) -> torch.Tensor:
+        """t~ of ``captions`` (their own caption features ``t`` are the anchor when ``anchor=band``)."""
+        return self.encode_negated(self.negated_tokens(captions, perturb), t)
 
     @torch.no_grad()
     def mean_cos_t_tn(self, captions: list[str], chunk: int = 256) -> float:
@@ -323,28 +339,52 @@ class CLIPUnlearner(L.LightningModule):
                             f"lower {stages.lr_key(self.stage_name)} (or add warm-up)")
 
     # ----- training ---------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        v_local = self.model.encode_image(batch["image"], normalize=True)
-        t_local = self.model.encode_text(batch["text"], normalize=True)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self.accum_freq > 1:
+            return self.accumulate(batch)
+        return self.batch_loss(self.encode_train(self.train_inputs(batch)), [batch])
+
+    def train_inputs(self, batch: dict) -> dict:
+        """What encoding a training batch takes: its images and tokens, and its negated tokens when the
+        objective uses the negated path (their random perturbation drawn now, so a second encoding reuses it)."""
+        inputs = {"image": batch["image"], "text": batch["text"]}
+        if self.objective.negation != "none" and self.negation_mode != "none":
+            inputs["negated"] = self.negated_tokens(batch["caption"])
+        return inputs
+
+    def encode_train(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """This process's features of a training batch: v, t and t~ (when the objective uses it)."""
+        v = self.model.encode_image(inputs["image"], normalize=True)
+        t = self.model.encode_text(inputs["text"], normalize=True)
+        features = {"v": v, "t": t}
+        if "negated" in inputs:
+            features["tn"] = self.encode_negated(inputs["negated"], t)
+        return features
+
+    def batch_loss(self, local: dict[str, torch.Tensor], batches: list[dict]) -> torch.Tensor:
+        """The stage's objective over the global batch: this process's features ``local`` of ``batches`` (one,
+        or the micro-batches of an accumulated step) gathered over the processes, scored for noisy
+        correspondence, flagged, and the loss with its parts logged."""
+        v_local, t_local = local["v"], local["t"]
         v, t = self.gather(v_local), self.gather(t_local)
-        noisy = self.gather(batch["noisy"].to(self.device))
+        noisy = self.gather(torch.cat([b["noisy"] for b in batches]).to(self.device))
         s = self.logit_scale()
         scores = ncu_obj.nc_scores(v, t, s)
         self.stop_if_not_finite(scores, "the pair scores (features or logit scale) are")  # before OT sees them
-        index = self.gather(torch.as_tensor(batch["index"], device=self.device)) if "index" in batch else None
+        index = None
+        if all("index" in b for b in batches):
+            index = self.gather(torch.cat([torch.as_tensor(b["index"], device=self.device) for b in batches]))
         self.memory.observe(index, scores, self.detection["momentum"], self.device)
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
-        tn = None
-        if self.objective.negation != "none" and self.negation_mode != "none":
-            tn = self.gather(self.negated_features(batch["caption"], t_local))
+        tn = self.gather(local["tn"]) if "tn" in local else None
         world = self.trainer.world_size if self.has_trainer else 1
         features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, world)
         loss, parts = self.objective.loss(features, **self.objective_options)
         self.last_step = (objectives.Batch(v.detach(), t.detach(), s.detach(), flagged,
                                            tn.detach() if tn is not None else None), scores.detach(), noisy)
         self.stop_if_not_finite(loss, "the loss is")
-        bs = len(batch["image"])
+        bs = len(v_local)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", s.detach(), batch_size=bs)
         self.log("train/flagged_noisy_frac", noisy[flagged].float().mean() if flagged.any() else 0.0,
@@ -354,6 +394,45 @@ class CLIPUnlearner(L.LightningModule):
         if tn is not None:
             self.log("train/cos_t_tn", (t.detach().float() * tn.detach().float()).sum(1).mean(), batch_size=bs)
         return loss
+
+    def accumulate(self, batch: dict) -> torch.Tensor | None:
+        """One micro-batch of ``optim.accum_freq``: encoded without gradients now; the K-th runs the optimizer
+        step of the whole K-micro-batch batch (``accumulated_backward``). A last group of fewer than K
+        micro-batches at an epoch's end is dropped (``on_train_epoch_end``)."""
+        self._micro.append((batch, accum.encode_without_grad(self.encode_train, self.train_inputs(batch),
+                                                             self.device)))
+        if len(self._micro) < self.accum_freq:
+            return None
+        group, self._micro = self._micro, []
+        optimizer = self.optimizers()
+        loss = self.accumulated_backward(group, self._backward)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self._accumulated_samples += sum(batch_size_of(b) for b, _ in group)
+        return loss
+
+    def accumulated_backward(self, group: list[tuple[dict, accum.MicroBatch]], backward: Any) -> torch.Tensor:
+        """The loss over the micro-batches of ``group`` at once, and its gradients written micro-batch by
+        micro-batch (ncu/accum.py): the same loss and gradients as one step on their concatenation."""
+        batches, micro = [b for b, _ in group], [m for _, m in group]
+
+        def whole(leaves: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+            return self.batch_loss({k: torch.cat([leaf[k] for leaf in leaves]) for k in leaves[0]}, batches)
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        loss, feature_grads, direct = accum.loss_and_feature_grads(whole, micro, params)
+        accum.backward_micro_batches(self.encode_train, micro, feature_grads, direct, backward, self.device)
+        return loss
+
+    def _backward(self, surrogate: torch.Tensor, last: bool) -> None:
+        """Gradients of one micro-batch; under DDP the processes sum them on the last one only."""
+        ddp = self.trainer.strategy.model if self.trainer.world_size > 1 else None
+        if last or not hasattr(ddp, "no_sync"):
+            self.manual_backward(surrogate)
+        else:
+            with ddp.no_sync():
+                self.manual_backward(surrogate)
 
     def cost_so_far(self) -> dict[str, float]:
         running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
@@ -368,7 +447,11 @@ class CLIPUnlearner(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         world = self.trainer.world_size if self.has_trainer else 1
-        self.cost["samples"] += batch_size_of(batch) * world
+        if self.accum_freq == 1:
+            self.cost["samples"] += batch_size_of(batch) * world
+        else:  # the micro-batches of the step just taken (a dropped last group trained nothing)
+            self.cost["samples"] += self._accumulated_samples * world
+            self._accumulated_samples = 0
         # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
         if self.stage["clamp_logit_scale"]:
             with torch.no_grad():
@@ -381,6 +464,7 @@ class CLIPUnlearner(L.LightningModule):
         self._epoch_start = time.perf_counter()  # after the scoring pass: the epoch it is compared with
 
     def on_train_epoch_end(self) -> None:
+        self._micro = []  # a last group of fewer than optim.accum_freq micro-batches: not a whole step
         for k, val in self.detect.compute().items():
             if not math.isnan(val):  # AUROC/AUPRC are undefined without noisy pairs (rate 0)
                 self.log(f"train/nc_{k}", val)

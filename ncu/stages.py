@@ -160,7 +160,7 @@ def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
         # config saved before every method had it: the momentum that applied then)
         "history_momentum": OmegaConf.select(cfg, "method.detection.momentum",
                                              default=added_later_flat()["method.detection.momentum"]),
-        "optim": {k: v for k, v in cfg.optim.items() if k != "stage_defaults"},
+        "optim": cache_key_view("optim", {k: v for k, v in cfg.optim.items() if k != "stage_defaults"}),
         "trainer": {k: cfg.trainer.get(k) for k in ("precision", "limit_train_batches", "accumulate_grad_batches",
                                                   "gradient_clip_val")},
     }

@@ -70,7 +70,7 @@ def _module(spec: dict[str, Any]) -> Any:
     return module
 
 
-def _data(rank_items: list[dict], all_items: list[dict]) -> Any:
+def _data(rank_items: list[dict], all_items: list[dict], micro_batches: int = 1) -> Any:
     """The rank's rows as its training loader, and every row in fixed batches of 8 as the scoring loader
     that per-sample detectors read at an epoch start (ranks split it by batch)."""
     import lightning as L
@@ -78,7 +78,7 @@ def _data(rank_items: list[dict], all_items: list[dict]) -> Any:
 
     class Data(L.LightningDataModule):
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(rank_items, batch_size=len(rank_items), shuffle=False)
+            return DataLoader(rank_items, batch_size=len(rank_items) // micro_batches, shuffle=False)
 
         def scoring_loader(self, seed: int = 0) -> DataLoader:
             return DataLoader(all_items, batch_size=8, shuffle=False)
@@ -88,6 +88,7 @@ def _data(rank_items: list[dict], all_items: list[dict]) -> Any:
 
 def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[dict], devices: int,
               all_items: list[dict], accelerator: str = "cpu") -> dict:
+    """(With ``module.accum_freq`` = K the rows come as K micro-batches of one accumulated step.)"""
     """Fit one step of ``stage`` from ``weights`` on ``items``; the loss, scores, NC mask and the
     gradients as the optimizer sees them (after the DDP all-reduce)."""
     import lightning as L
@@ -109,30 +110,33 @@ def _one_step(module: Any, weights: Path, name: str, stage: dict, items: list[di
             out["trainable"] = sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            out["loss"] = outputs["loss"].detach().clone()
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if loss is not None:  # an accumulated step returns its loss with its last micro-batch only
+                out["loss"] = loss.detach().clone()
 
     module.detect.update = spy
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        precision="32-true", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                        precision="32-true", max_epochs=1, limit_train_batches=module.accum_freq, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[Record()])
     # Each rank's loader yields its own rows, in order: the gathered batch is rank 0's rows then rank 1's.
-    trainer.fit(module, datamodule=_data(items, all_items))
+    trainer.fit(module, datamodule=_data(items, all_items, module.accum_freq))
+    assert trainer.global_step == 1
     del module.detect.update
     out["sample_flags"] = None if module.memory.flags is None else module.memory.flags.clone()
     return out
 
 
 def _worker(rank: int, port: int, spec: dict, weights: str, batch: str, out_dir: str,
-            accelerator: str = "cpu") -> None:
+            accelerator: str = "cpu", accum_freq: int = 1) -> None:
     """One DDP rank; the environment says the processes already exist, so Lightning joins them."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
                        "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     all_items = torch.load(batch, weights_only=False)
     items = all_items[rank * PER_RANK:(rank + 1) * PER_RANK]
-    module = _module(spec)
+    module = _module({**spec, "optim": {**spec["optim"], "accum_freq": accum_freq}})
     results = {name: _one_step(module, Path(weights), name, stage, items, WORLD, all_items, accelerator)
                for name, stage in spec["stages"].items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -153,6 +157,14 @@ def test_ddp_global_batch_matches_single_process(tmp_path, method, extra):
     _check_ddp_matches_single_process(tmp_path, method, extra, "cpu")
 
 
+@pytest.mark.parametrize("method", ["ncu", "filter"])
+def test_ddp_with_two_micro_batches_per_rank_matches_one_process_with_the_whole_batch(tmp_path, method):
+    """optim.accum_freq=2 on 2 processes: each rank's rows come as 2 micro-batches, the loss (NC quota, OT
+    plan) is over all 4 at once and the gradients are summed across ranks once per step; the same scores,
+    flags, loss and averaged gradients as one process stepping on the whole batch."""
+    _check_ddp_matches_single_process(tmp_path, method, (), "cpu", accum_freq=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_ddp_on_two_gpus_matches_one_gpu(tmp_path):
@@ -161,7 +173,7 @@ def test_ddp_on_two_gpus_matches_one_gpu(tmp_path):
 
 
 def _check_ddp_matches_single_process(tmp_path: Path, method: str, extra: tuple, accelerator: str,
-                                      rtol: float = 1e-5) -> None:
+                                      rtol: float = 1e-5, accum_freq: int = 1) -> None:
     import torch.multiprocessing as mp
 
     spec = _spec(tmp_path, method, *extra)
@@ -172,7 +184,7 @@ def _check_ddp_matches_single_process(tmp_path: Path, method: str, extra: tuple,
     items = _global_batch(module.tokenizer, WORLD * PER_RANK)
     torch.save(items, batch)
 
-    mp.spawn(_worker, args=(_free_port(), spec, str(weights), str(batch), str(tmp_path), accelerator),
+    mp.spawn(_worker, args=(_free_port(), spec, str(weights), str(batch), str(tmp_path), accelerator, accum_freq),
              nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
