@@ -20,7 +20,7 @@ FREE_KEYS = ("resume", "logger", "paths", "hydra", "callbacks", "print_table", "
              "trainer.default_root_dir",
              "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.enable_model_summary",
              "data.num_workers", "data.eval_batch_size", "data.index_cache", "data.cache_dir",
-             "data.shifts")
+             "data.shifts", "model.grad_checkpointing", "model.compile")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -39,6 +39,7 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
     bundle = factory.create(cfg.model.name, cfg.model.pretrained,
                             aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}, resolve=True),
                             trusted=cfg.trust_checkpoints, logit_scale=cfg.model.get("logit_scale"))
+    factory.speed_switches(bundle.model, cfg.model.grad_checkpointing, cfg.model.compile)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     dm = PairDataModule(data, OmegaConf.to_container(cfg.noise, resolve=True), batch_size=data["batch_size"],
                         eval_batch_size=data["eval_batch_size"], num_workers=data["num_workers"],

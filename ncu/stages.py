@@ -151,7 +151,9 @@ def pretrain_spec(cfg: DictConfig, stage: dict) -> dict:
     trainer numerics): the key of the shared cache, and what a resume compares for a pre-training."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("cache_dir", "shifts")}  # where the scenes are kept, and the evaluation-only styles
-    model = cache_key_view("model", OmegaConf.to_container(cfg.model, resolve=True))
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in ("grad_checkpointing", "compile")}  # memory and speed switches: the same numbers
+    model = cache_key_view("model", model)
     spec = {
         "model": model, "data": cache_key_view("data", data), "noise": cfg.noise,
         "stage": cache_key_view("stage", stage),

@@ -29,9 +29,17 @@ def test_speed_quick_ends_with_the_three_ratio_lines(capsys):
     for line in lines:
         parts = line.split()
         if parts and parts[0] in ("clip", "ncu_stage1", "ncu_stage2", "sinkhorn", "sinkhorn_structured",
-                                  "open_clip"):
-            rows[parts[0]] = float(parts[1])
-    assert set(rows) == {"clip", "ncu_stage1", "ncu_stage2", "sinkhorn", "sinkhorn_structured", "open_clip"}
+                                  "open_clip", *bench.SWITCH_VARIANTS.values()):
+            rows[parts[0]] = (float(parts[1]), float(parts[4]))
+    assert set(rows) == {"clip", "ncu_stage1", "ncu_stage2", "sinkhorn", "sinkhorn_structured", "open_clip",
+                         *bench.SWITCH_VARIANTS.values()}
+    # One line per memory and speed switch: its step time and peak memory against the plain stage-2 step's.
+    for switch, name in bench.SWITCH_VARIANTS.items():
+        line = next(line for line in lines if line.startswith(f"{switch} / plain ncu_stage2:"))
+        time_ratio, memory_ratio = (float(x) for x in re.findall(r"(\d+\.\d+)x", line))
+        assert time_ratio == pytest.approx(rows[name][0] / rows["ncu_stage2"][0], abs=0.006)
+        assert memory_ratio == pytest.approx(rows[name][1] / rows["ncu_stage2"][1], abs=0.02)
+    rows = {k: v[0] for k, v in rows.items()}
     assert ratios["ncu_stage2/clip"] == pytest.approx(rows["ncu_stage2"] / rows["clip"], abs=0.006)
     assert ratios["clip/open_clip"] == pytest.approx(rows["clip"] / rows["open_clip"], abs=0.006)
     solve = max(rows["sinkhorn"], rows["sinkhorn_structured"])

@@ -5,7 +5,11 @@
   AdamW step, module methods called directly, no Trainer), the Sinkhorn solve of the stage-2 problem alone,
   and a plain open_clip loop (``ClipLoss`` + ``encode_image``/``encode_text`` + AdamW). The variants are
   interleaved (round robin, rotating the order each repetition) so that machine noise hits all of them
-  alike, and every step starts from the same weights. Ends with three lines: ``ncu_stage2/clip``,
+  alike, and every step starts from the same weights. The memory and speed switches are timed the same way
+  against the plain stage-2 step: ``model.grad_checkpointing``, ``model.compile`` (its first warm-up round
+  compiles; ``--no-compile`` leaves it out) and ``optim.accum_freq=4`` on the same batch (the accumulation's
+  overhead: a second encoding of every micro-batch), one line each with its step-time and peak-memory ratios.
+  Ends with three lines: ``ncu_stage2/clip``,
   ``sinkhorn_share`` (Sinkhorn solve / stage-2 step) and ``clip/open_clip``.
 - ``sinkhorn``: time, memory and iterations of the stage-2 OT solve for global batches 64..4096, with our
   stopping rule and with all ``max_iter`` iterations.
@@ -24,11 +28,12 @@ import torch
 
 from ncu.bench.robustness import ROBUSTNESS_METRICS, ROBUSTNESS_SWEEPS, robustness, robustness_commands
 from ncu.bench.sinkhorn import sinkhorn_scaling, stage2_ot_problem
-from ncu.bench.speed import FINAL_KEYS, speed
+from ncu.bench.speed import FINAL_KEYS, SWITCH_VARIANTS, speed
 from ncu.bench.timing import MiB, PeakMemory, Variant, summarise, time_interleaved
 
 __all__ = ["FINAL_KEYS", "MiB", "PeakMemory", "ROBUSTNESS_METRICS", "ROBUSTNESS_SWEEPS", "Variant", "main", "parser",
-           "robustness", "robustness_commands", "sinkhorn_scaling", "speed", "stage2_ot_problem", "summarise",
+           "robustness", "robustness_commands", "SWITCH_VARIANTS", "sinkhorn_scaling", "speed", "stage2_ot_problem",
+           "summarise",
            "time_interleaved"]
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -54,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("32", "bf16"), default=None,
                    help="autocast for every variant (default: bf16 on CUDA as trainer=gpu, 32 on CPU)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-compile", action="store_true", help="leave out the model.compile variant")
     s.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine a second OpenMP thread that has to "
                         "wait for a core slows small ops by orders of magnitude; 0 = torch's choice)")
@@ -92,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = args.model or ("ViT-B-32" if device.type == "cuda" else "ncu-tiny")
         speed(model, args.batch or (64 if quick else 128), args.steps or (3 if quick else 10),
               args.warmup if args.warmup is not None else (1 if quick else 2), device,
-              args.precision or ("bf16" if device.type == "cuda" else "32"), args.seed)
+              args.precision or ("bf16" if device.type == "cuda" else "32"), args.seed,
+              compile=not args.no_compile)
         return 0
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) keep their setting

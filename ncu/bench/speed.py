@@ -13,6 +13,9 @@ from ncu.bench.sinkhorn import stage2_ot_problem
 from ncu.bench.timing import MiB, Variant, measure_peaks, summarise, time_interleaved
 
 FINAL_KEYS = ("ncu_stage2/clip", "sinkhorn_share", "clip/open_clip")
+# The memory and speed switches, each against the plain NCU stage-2 step: (time ratio, peak-memory ratio).
+SWITCH_VARIANTS = {"grad_checkpointing": "ncu_stage2_ckpt", "compile": "ncu_stage2_compiled",
+                   "accum_4x": "ncu_stage2_accum4"}
 
 
 # ----------------------------------------------------------------------------------------------- speed
@@ -101,12 +104,14 @@ class SpeedSetup:
 
 
 def speed_setup(model_name: str, batch_size: int, device: torch.device, precision: str = "32",
-                seed: int = 0) -> SpeedSetup:
-    """Model, batch, modules, optimizers and the six variants of :func:`speed` (nothing timed yet)."""
+                seed: int = 0, compile: bool = True) -> SpeedSetup:
+    """Model, batch, modules, optimizers and the variants of :func:`speed` (nothing timed yet)."""
+    import copy
+
     import open_clip
     from omegaconf import OmegaConf
 
-    from ncu import stages
+    from ncu import accum, stages
     from ncu.lit_module import LOG_SCALE_MAX, CLIPUnlearner
     from ncu.models import factory
     from ncu.ot import sinkhorn
@@ -132,6 +137,7 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
             for p, s in zip(params, snapshot):
                 p.copy_(s)
         ncu_mod.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(False)
         clip_mod.detect.reset()
         ncu_mod.detect.reset()
 
@@ -140,21 +146,32 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return torch.autocast(device_type=device.type, enabled=False)
 
-    def lightning_variant(name: str, module: CLIPUnlearner, cfg: Any, objective: str) -> Variant:
+    def lightning_variant(name: str, module: CLIPUnlearner, cfg: Any, objective: str, micro: int = 1,
+                          checkpointing: bool = False, reset: Callable[[], None] = restore) -> Variant:
         stage = stage_of(cfg, objective)
         module.set_stage(objective, stage)
         opt = stages.make_adamw(module, stage, optim)  # as CLIPUnlearner.configure_optimizers, no schedule
 
         def prepare() -> None:
-            restore()
+            reset()
             module.set_stage(objective, stage)
+            module.model.set_grad_checkpointing(checkpointing)
 
         def run() -> None:
             # What Lightning's automatic optimisation does per batch (autocast around training_step only).
             opt.zero_grad(set_to_none=True)
             with amp():
-                loss = module.training_step(batch, 0)
-            loss.backward()
+                if micro == 1:
+                    loss = module.training_step(batch, 0)
+                    loss.backward()
+                else:  # optim.accum_freq=micro: the same batch as micro-batches, one step (CLIPUnlearner.accumulate)
+                    size = batch_size // micro
+                    group = []
+                    for i in range(micro):
+                        part = {k: x[i * size:(i + 1) * size] for k, x in batch.items()}
+                        group.append((part, accum.encode_without_grad(module.encode_train, module.train_inputs(part),
+                                                                      device)))
+                    loss = module.accumulated_backward(group, lambda surrogate, last: surrogate.backward())
             opt.step()
             module.on_train_batch_end(loss, batch, 0)
 
@@ -163,6 +180,22 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
     clip_v = lightning_variant("clip", clip_mod, clip_cfg, "clip")
     hn_v = lightning_variant("ncu_stage1", ncu_mod, ncu_cfg, "ncu_hn")
     ul_v = lightning_variant("ncu_stage2", ncu_mod, ncu_cfg, "ncu_unlearn")
+    switches = [lightning_variant("ncu_stage2_ckpt", ncu_mod, ncu_cfg, "ncu_unlearn", checkpointing=True),
+                lightning_variant("ncu_stage2_accum4", ncu_mod, ncu_cfg, "ncu_unlearn", micro=4)]
+    if compile:  # a copy whose towers are compiled in place (model.compile); the first warm-up round compiles
+        compiled_mod = copy.deepcopy(ncu_mod)
+        factory.speed_switches(compiled_mod.model, grad_checkpointing=False, compile=True)
+        compiled_params = list(compiled_mod.parameters())
+
+        def restore_compiled() -> None:
+            with torch.no_grad():
+                for p, s in zip(compiled_params, snapshot):
+                    p.copy_(s)
+            compiled_mod.zero_grad(set_to_none=True)
+            compiled_mod.detect.reset()
+
+        switches.append(lightning_variant("ncu_stage2_compiled", compiled_mod, ncu_cfg, "ncu_unlearn",
+                                          reset=restore_compiled))
 
     # The plain open_clip loop a user would write instead.
     clip_stage = stage_of(clip_cfg, "clip")
@@ -203,14 +236,16 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
     structured = stage2_ot_problem(batch_size, nc_ratio=ncu_method["nc_ratio"], seed=seed, device=device)
     _, sinfo = sinkhorn(*structured, reg=solver.reg, max_iter=solver.max_iter, tol=solver.tol, return_info=True)
     sks_v = Variant("sinkhorn_structured", lambda: solver(*structured), note=f"{sinfo.n_iter} it, synthetic")
-    return SpeedSetup([clip_v, hn_v, ul_v, sk_v, sks_v, oc_v], {"clip": clip_mod, "ncu": ncu_mod, "model": model},
-                      batch)
+    return SpeedSetup([clip_v, hn_v, ul_v, sk_v, sks_v, oc_v, *switches],
+                      {"clip": clip_mod, "ncu": ncu_mod, "model": model}, batch)
 
 
 def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: torch.device,
-          precision: str = "32", seed: int = 0, out: Callable[[str], None] = print) -> dict[str, float]:
-    """Run the interleaved speed benchmark, print the table and the three ratio lines; return the ratios."""
-    setup = speed_setup(model_name, batch_size, device, precision, seed)
+          precision: str = "32", seed: int = 0, out: Callable[[str], None] = print,
+          compile: bool = True) -> dict[str, float]:
+    """Run the interleaved speed benchmark, print the table, the switches' ratio lines and the three final
+    ratio lines; return the ratios."""
+    setup = speed_setup(model_name, batch_size, device, precision, seed, compile)
     variants = setup.variants
     with warnings.catch_warnings():
         # self.log without a Trainer warns and returns: the steps run without Lightning's logging.
@@ -228,11 +263,19 @@ def speed(model_name: str, batch_size: int, steps: int, warmup: int, device: tor
         out(f"{v.name:<20} {m:>10.2f} {iqr:>9.2f} {m / med['clip']:>7.3f} {v.peak / MiB:>9.1f}  {v.note}")
     # The share is charged with the slower of the two solves: the captured one reflects this random-init model.
     sink = max(med["sinkhorn"], med["sinkhorn_structured"])
-    ratios = {
+    peaks = {v.name: v.peak for v in variants}
+    ratios = {}
+    for switch, name in SWITCH_VARIANTS.items():
+        if name in med:
+            ratios[f"{switch}_time"] = med[name] / med["ncu_stage2"]
+            ratios[f"{switch}_memory"] = peaks[name] / peaks["ncu_stage2"] if peaks["ncu_stage2"] > 0 else float("nan")
+            out(f"{switch} / plain ncu_stage2: step time {ratios[f'{switch}_time']:.2f}x, "
+                f"peak memory {ratios[f'{switch}_memory']:.2f}x")
+    ratios.update({
         "ncu_stage2/clip": med["ncu_stage2"] / med["clip"],
         "sinkhorn_share": sink / med["ncu_stage2"],
         "clip/open_clip": med["clip"] / med["open_clip"],
-    }
+    })
     out(f"ncu_stage2/clip: {ratios['ncu_stage2/clip']:.2f}")
     out(f"sinkhorn_share: {ratios['sinkhorn_share']:.3f}")
     out(f"clip/open_clip: {ratios['clip/open_clip']:.2f}")

@@ -47,6 +47,18 @@ def check_model_name(name: str) -> None:
         )
 
 
+def speed_switches(model: torch.nn.Module, grad_checkpointing: bool, compile: bool) -> None:
+    """``model.grad_checkpointing``: open_clip's activation checkpointing in both towers. ``model.compile``:
+    each tower's forward compiled in place (``nn.Module.compile``), so parameter names and checkpoints stay
+    as they are (``torch.compile(model)`` would prefix them)."""
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if compile:
+        towers = [model.visual, getattr(model, "text", None) or model.transformer]
+        for tower in towers:
+            tower.compile()
+
+
 def _is_lightning_ckpt(path: str) -> bool:
     return path.endswith(".ckpt")
 
