@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from ncu import accum, detectors, stages
 from ncu.choices import ANCHORS, NEGATION_HEADS
+from ncu.data.resumable import ResumableLoader
 from ncu.data.stats import batch_size_of
 from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
@@ -55,7 +56,8 @@ class CLIPUnlearner(L.LightningModule):
         self.accum_freq = int(self.optim["accum_freq"])
         self.automatic_optimization = self.accum_freq == 1
         self._micro: list[tuple[dict, accum.MicroBatch]] = []
-        self._accumulated_samples = 0
+        self.epoch_batches = 0  # training batches of the current epoch so far (a checkpoint's loader position)
+        self._loader_position: dict[str, Any] | None = None
         seed = self.hparams["config"]["seed"]
         neg = self.method["negation"]
         self.negation_mode = neg["mode"]
@@ -177,6 +179,11 @@ class CLIPUnlearner(L.LightningModule):
         checkpoint["ncu_stage_index"] = self.stage_index
         checkpoint["ncu_stage_name"] = self.stage_name
         checkpoint["ncu_cost"] = self.cost_so_far()
+        loader = self.trainer.train_dataloader if self.has_trainer else None
+        if isinstance(loader, ResumableLoader) and 0 < self.epoch_batches < self.trainer.num_training_batches:
+            position = loader.position(self.epoch_batches)  # inside an epoch (checkpoint.every_n_steps)
+            if position is not None:
+                checkpoint["ncu_loader"] = {**position, "epoch": self.current_epoch, "batches": self.epoch_batches}
         if self.memory.history is not None:
             checkpoint["ncu_sample_history"] = self.memory.history.detach().cpu()
         checkpoint["ncu_rng"] = {
@@ -187,6 +194,7 @@ class CLIPUnlearner(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.memory.restore(checkpoint, self.device)
+        self._loader_position = checkpoint.get("ncu_loader")  # applied when the fit starts (on_train_start)
         if checkpoint.get("ncu_stage_index") == self.stage_index and checkpoint.get("ncu_cost"):
             self.cost = dict(checkpoint["ncu_cost"])  # resumed inside the stage: its cost so far
         rng = checkpoint.get("ncu_rng")
@@ -320,6 +328,10 @@ class CLIPUnlearner(L.LightningModule):
                 yield batch, ncu_obj.nc_scores(v, t, s)
 
     @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.has_trainer else 1
+
+    @property
     def has_trainer(self) -> bool:
         """Attached to a Trainer (``self.trainer`` raises when not: the tests call steps on a bare module)."""
         return self._trainer is not None
@@ -340,8 +352,12 @@ class CLIPUnlearner(L.LightningModule):
 
     # ----- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        # Counted here, not in on_train_batch_end: a checkpoint taken after this batch (callbacks' hooks run
+        # before the module's) holds it.
+        self.epoch_batches += 1
         if self.accum_freq > 1:
             return self.accumulate(batch)
+        self.cost["samples"] += batch_size_of(batch) * self.world_size
         return self.batch_loss(self.encode_train(self.train_inputs(batch)), [batch])
 
     def train_inputs(self, batch: dict) -> dict:
@@ -378,7 +394,7 @@ class CLIPUnlearner(L.LightningModule):
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
         tn = self.gather(local["tn"]) if "tn" in local else None
-        world = self.trainer.world_size if self.has_trainer else 1
+        world = self.world_size
         features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, world)
         loss, parts = self.objective.loss(features, **self.objective_options)
         self.last_step = (objectives.Batch(v.detach(), t.detach(), s.detach(), flagged,
@@ -409,7 +425,7 @@ class CLIPUnlearner(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
-        self._accumulated_samples += sum(batch_size_of(b) for b, _ in group)
+        self.cost["samples"] += sum(batch_size_of(b) for b, _ in group) * self.world_size  # a dropped group: none
         return loss
 
     def accumulated_backward(self, group: list[tuple[dict, accum.MicroBatch]], backward: Any) -> torch.Tensor:
@@ -446,18 +462,21 @@ class CLIPUnlearner(L.LightningModule):
         self._fit_start = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        world = self.trainer.world_size if self.has_trainer else 1
-        if self.accum_freq == 1:
-            self.cost["samples"] += batch_size_of(batch) * world
-        else:  # the micro-batches of the step just taken (a dropped last group trained nothing)
-            self.cost["samples"] += self._accumulated_samples * world
-            self._accumulated_samples = 0
         # open_clip's convention (and NCU stage 2): keep the temperature above 1/100.
         if self.stage["clamp_logit_scale"]:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, LOG_SCALE_MAX)
 
+    def on_train_start(self) -> None:
+        # Resumed from a checkpoint taken inside an epoch: the loader continues that epoch's order and random
+        # state (ncu/data/resumable.py). Lightning calls no on_train_epoch_start for the resumed epoch.
+        loader, position, self._loader_position = self.trainer.train_dataloader, self._loader_position, None
+        if position is not None and isinstance(loader, ResumableLoader) and position["epoch"] == self.current_epoch:
+            loader.resume(position)
+            self.epoch_batches = int(position["batches"])
+
     def on_train_epoch_start(self) -> None:
+        self.epoch_batches = 0
         self.pass_seconds = float("nan")
         if self.objective.flags:
             self.refresh_flags()

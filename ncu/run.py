@@ -59,10 +59,19 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
                   step_offset: int) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
-    # last.ckpt after every epoch, for resume=auto inside a stage. (save_last with save_top_k=0 writes it only
-    # when the fit ends: Lightning saves `last` only at steps where a top-k checkpoint was saved.)
-    callbacks: list[Any] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+    # last.ckpt after every epoch (and every checkpoint.every_n_steps steps), for resume=auto inside a stage.
+    # (save_last with save_top_k=0 writes it only when the fit ends: Lightning saves `last` only at steps where
+    # a top-k checkpoint was saved.)
+    folder, keep = run_dir / "checkpoints", cfg.checkpoint
+    callbacks: list[Any] = [ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1,
                                             enable_version_counter=False)]
+    if keep.every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False,
+                                         every_n_train_steps=int(keep.every_n_steps)))
+    if keep.best:
+        callbacks.append(ModelCheckpoint(dirpath=folder, filename=f"stage{index}_{name}_best", monitor=keep.monitor,
+                                         mode="max", save_top_k=1, save_weights_only=True,
+                                         enable_version_counter=False, auto_insert_metric_name=False))
     callbacks.append(DataStatsCallback())
     if loggers:
         callbacks += [LearningRateMonitor(logging_interval="step"), DashboardImages()]

@@ -2,6 +2,7 @@ import json
 import tempfile
 
 import pytest
+import torch
 
 from conftest import compose_cfg
 from ncu.eval.suite import evaluate
@@ -37,7 +38,13 @@ def test_smoke_run_writes_metrics_checkpoints_and_logs(smoke_run):
     assert on_disk["test/rsum"] == pytest.approx(sum(on_disk[f"test/{k}"] for k in KEYS[:6]))
     assert "train/nc_auroc" in on_disk and 0.35 <= on_disk["noise/realised_rate"] <= 0.4
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-    assert ckpts == ["last.ckpt", "stage0_pretrain.ckpt", "stage1_finetune.ckpt"]
+    # Each stage's result, and the best epoch by val/rsum of each stage fitted here (checkpoint.best).
+    best = ["stage1_finetune_best.ckpt"] + ([] if on_disk["cost/pretrain_cached"] else ["stage0_pretrain_best.ckpt"])
+    assert ckpts == sorted(["last.ckpt", "stage0_pretrain.ckpt", "stage1_finetune.ckpt", *best])
+    best_ckpt = torch.load(run_dir / "checkpoints" / "stage1_finetune_best.ckpt", weights_only=True)
+    result = torch.load(run_dir / "checkpoints" / "stage1_finetune.ckpt", weights_only=True)
+    assert "optimizer_states" not in best_ckpt and set(best_ckpt["state_dict"]) == set(result["state_dict"])
+    assert best_ckpt["hyper_parameters"]["config"] == result["hyper_parameters"]["config"]  # evaluate.py rebuilds
     # The shifted styles (data.shifts): each scored before and after, over the pairs it draws.
     shifts = objects["datamodule"].shifts
     assert {"openmoji", "sketch"} <= set(shifts)
@@ -86,7 +93,8 @@ def test_pretrained_checkpoint_starts_another_run_without_pretraining(smoke_run,
     cfg = compose_cfg(["experiment=smoke", "method=clip", "logger=none", "print_table=false", f"model.pretrained={ckpt}"],
                       tmp_path=tmp_path)
     second, objects2 = train(cfg)
-    assert sorted(p.name for p in (objects2["run_dir"] / "checkpoints").glob("stage*")) == ["stage0_finetune.ckpt"]
+    assert sorted(p.name for p in (objects2["run_dir"] / "checkpoints").glob("stage*")) == [
+        "stage0_finetune.ckpt", "stage0_finetune_best.ckpt"]
     # "before" is the loaded pre-trained model: the same numbers as the first run's pre-trained model
     assert second["pretrain/rsum"] == pytest.approx(metrics["pretrain/rsum"], abs=1e-6)
 

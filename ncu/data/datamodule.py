@@ -27,6 +27,7 @@ from ncu.choices import cache_key_view
 from ncu.data import noise as noise_lib
 from ncu.data.embedded import embedded_pairs, split_of, unit_hash
 from ncu.data.images import load_image
+from ncu.data.resumable import ResumableLoader
 from ncu.data.streams import ShardLoader, ShardTrainSet, read_shard_samples
 from ncu.errors import DataError
 
@@ -393,8 +394,12 @@ class PairDataModule(L.LightningDataModule):
             # Fresh workers every pass (not persistent) so that each gets the new epoch's shard order.
             return ShardLoader(ds, self._next_pass, self.world_size, batch_size=bs, drop_last=True,
                                num_workers=self.num_workers)
-        return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        if self.world_size > 1:  # Lightning gives each process its part through a DistributedSampler
+            return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        # Shuffled as DataLoader(shuffle=True), and continued exactly by a checkpoint taken inside an epoch.
+        return ResumableLoader(ds, batch_size=bs, drop_last=True, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
 
     def scoring_loader(self, seed: int = 0) -> DataLoader | None:
         """The training pairs in training-sized batches of a fixed random order, with the evaluation
