@@ -13,11 +13,14 @@ taken micro-batch by micro-batch:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ncu.data.stats import batch_size_of
 
 Features = dict[str, torch.Tensor]
 
@@ -100,3 +103,48 @@ def backward_micro_batches(encode: Callable[[Any], Features], micro: Sequence[Mi
         last = i == len(micro) - 1
         backward(surrogate(encode(m.inputs), feature_grads[i], direct if last else ()), last)
     after.restore(device)
+
+
+# ----- the Lightning module's accumulated step (CLIPUnlearner with optim.accum_freq > 1: manual optimization)
+
+
+def accumulate(module: Any, batch: dict) -> torch.Tensor | None:
+    """One micro-batch of ``optim.accum_freq``: encoded without gradients now; the K-th runs the optimizer
+    step of the whole K-micro-batch batch (``accumulated_backward``). A last group of fewer than K
+    micro-batches at an epoch's end is dropped (``on_train_epoch_end``)."""
+    module.micro_batches.append((batch, encode_without_grad(module.encode_train, module.train_inputs(batch),
+                                                         module.device)))
+    if len(module.micro_batches) < module.accum_freq:
+        return None
+    group, module.micro_batches = module.micro_batches, []
+    optimizer = module.optimizers()
+    loss = accumulated_backward(module, group, functools.partial(module_backward, module))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    module.lr_schedulers().step()
+    module.cost["samples"] += sum(batch_size_of(b) for b, _ in group) * module.world_size  # a dropped group: none
+    return loss
+
+
+def accumulated_backward(module: Any, group: list[tuple[dict, MicroBatch]], backward: Any) -> torch.Tensor:
+    """The loss over the micro-batches of ``group`` at once, and its gradients written micro-batch by
+    micro-batch (ncu/accum.py): the same loss and gradients as one step on their concatenation."""
+    batches, micro = [b for b, _ in group], [m for _, m in group]
+
+    def whole(leaves: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return module.batch_loss({k: torch.cat([leaf[k] for leaf in leaves]) for k in leaves[0]}, batches)
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    loss, feature_grads, direct = loss_and_feature_grads(whole, micro, params)
+    backward_micro_batches(module.encode_train, micro, feature_grads, direct, backward, module.device)
+    return loss
+
+
+def module_backward(module: Any, surrogate: torch.Tensor, last: bool) -> None:
+    """Gradients of one micro-batch; under DDP the processes sum them on the last one only."""
+    ddp = module.trainer.strategy.model if module.trainer.world_size > 1 else None
+    if last or not hasattr(ddp, "no_sync"):
+        module.manual_backward(surrogate)
+    else:
+        with ddp.no_sync():
+            module.manual_backward(surrogate)

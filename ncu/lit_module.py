@@ -21,8 +21,7 @@ from ncu.data.resumable import ResumableLoader
 from ncu.data.stats import batch_size_of
 from ncu.errors import DivergedError
 from ncu.eval.detection import NCDetectionMeter
-from ncu.eval.retrieval import retrieval_metrics
-from ncu.eval.zeroshot import zero_shot_accuracy, zero_shot_classifier
+from ncu.eval.module import Evaluation, shift_tensors
 from ncu.models.negation import (NegationHead, NegationPrompt, anchor_at_angle, build_negated_tokens,
                                  negated_text_features, text_tower)
 from ncu import objectives
@@ -30,21 +29,9 @@ from ncu.objectives import ncu as ncu_obj
 from ncu.text_aug import CaptionPerturber
 
 LOG_SCALE_MAX = math.log(100.0)
-ZS_TEMPLATES = ("{}.", "a picture of {}.", "an icon of {}.", "a drawing of {}.")
 
 
-def shift_tensors(sets: dict[str, Any]) -> dict[str, Any]:
-    """A style's sets (``PairDataModule.shifts``) as the tensors ``CLIPUnlearner.shift_metrics`` scores."""
-    test, zs = sets["test"], sets["zeroshot"]
-    index = {c: i for i, c in enumerate(sets["classnames"])}
-    items = [test[k] for k in range(len(test))]
-    return {"images": torch.stack([it["image"] for it in items]), "texts": torch.stack([it["text"] for it in items]),
-            "zs_images": torch.stack([zs[k]["image"] for k in range(len(zs))]),
-            "zs_labels": torch.tensor([index[c] for c in zs.frame["category"]], dtype=torch.long),
-            "classnames": sets["classnames"]}
-
-
-class CLIPUnlearner(L.LightningModule):
+class CLIPUnlearner(Evaluation, L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, method: dict, optim: dict,
                  config: dict | None = None):
         super().__init__()
@@ -55,7 +42,7 @@ class CLIPUnlearner(L.LightningModule):
         # optim.accum_freq > 1: the module takes its own optimizer steps, one per K micro-batches (accumulate).
         self.accum_freq = int(self.optim["accum_freq"])
         self.automatic_optimization = self.accum_freq == 1
-        self._micro: list[tuple[dict, accum.MicroBatch]] = []
+        self.micro_batches: list[tuple[dict, accum.MicroBatch]] = []
         self.epoch_batches = 0  # training batches of the current epoch so far (a checkpoint's loader position)
         self._loader_position: dict[str, Any] | None = None
         seed = self.hparams["config"]["seed"]
@@ -356,7 +343,7 @@ class CLIPUnlearner(L.LightningModule):
         # before the module's) holds it.
         self.epoch_batches += 1
         if self.accum_freq > 1:
-            return self.accumulate(batch)
+            return accum.accumulate(self, batch)
         self.cost["samples"] += batch_size_of(batch) * self.world_size
         return self.batch_loss(self.encode_train(self.train_inputs(batch)), [batch])
 
@@ -411,45 +398,6 @@ class CLIPUnlearner(L.LightningModule):
             self.log("train/cos_t_tn", (t.detach().float() * tn.detach().float()).sum(1).mean(), batch_size=bs)
         return loss
 
-    def accumulate(self, batch: dict) -> torch.Tensor | None:
-        """One micro-batch of ``optim.accum_freq``: encoded without gradients now; the K-th runs the optimizer
-        step of the whole K-micro-batch batch (``accumulated_backward``). A last group of fewer than K
-        micro-batches at an epoch's end is dropped (``on_train_epoch_end``)."""
-        self._micro.append((batch, accum.encode_without_grad(self.encode_train, self.train_inputs(batch),
-                                                             self.device)))
-        if len(self._micro) < self.accum_freq:
-            return None
-        group, self._micro = self._micro, []
-        optimizer = self.optimizers()
-        loss = self.accumulated_backward(group, self._backward)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
-        self.cost["samples"] += sum(batch_size_of(b) for b, _ in group) * self.world_size  # a dropped group: none
-        return loss
-
-    def accumulated_backward(self, group: list[tuple[dict, accum.MicroBatch]], backward: Any) -> torch.Tensor:
-        """The loss over the micro-batches of ``group`` at once, and its gradients written micro-batch by
-        micro-batch (ncu/accum.py): the same loss and gradients as one step on their concatenation."""
-        batches, micro = [b for b, _ in group], [m for _, m in group]
-
-        def whole(leaves: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-            return self.batch_loss({k: torch.cat([leaf[k] for leaf in leaves]) for k in leaves[0]}, batches)
-
-        params = [p for p in self.parameters() if p.requires_grad]
-        loss, feature_grads, direct = accum.loss_and_feature_grads(whole, micro, params)
-        accum.backward_micro_batches(self.encode_train, micro, feature_grads, direct, backward, self.device)
-        return loss
-
-    def _backward(self, surrogate: torch.Tensor, last: bool) -> None:
-        """Gradients of one micro-batch; under DDP the processes sum them on the last one only."""
-        ddp = self.trainer.strategy.model if self.trainer.world_size > 1 else None
-        if last or not hasattr(ddp, "no_sync"):
-            self.manual_backward(surrogate)
-        else:
-            with ddp.no_sync():
-                self.manual_backward(surrogate)
-
     def cost_so_far(self) -> dict[str, float]:
         running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
         return {"samples": int(self.cost["samples"]), "seconds": float(self.cost["seconds"]) + running}
@@ -483,7 +431,7 @@ class CLIPUnlearner(L.LightningModule):
         self._epoch_start = time.perf_counter()  # after the scoring pass: the epoch it is compared with
 
     def on_train_epoch_end(self) -> None:
-        self._micro = []  # a last group of fewer than optim.accum_freq micro-batches: not a whole step
+        self.micro_batches = []  # a last group of fewer than optim.accum_freq micro-batches: not a whole step
         for k, val in self.detect.compute().items():
             if not math.isnan(val):  # AUROC/AUPRC are undefined without noisy pairs (rate 0)
                 self.log(f"train/nc_{k}", val)
@@ -494,79 +442,3 @@ class CLIPUnlearner(L.LightningModule):
             self.log("train/nc_pass_seconds", self.pass_seconds)
             epoch_seconds = max(1e-9, time.perf_counter() - self._epoch_start)
             self.log("train/nc_pass_epoch_frac", self.pass_seconds / epoch_seconds)
-
-    # ----- evaluation -------------------------------------------------------------------------------
-    def _eval_step(self, batch: dict) -> None:
-        v = self.model.encode_image(batch["image"], normalize=True)
-        t = self.model.encode_text(batch["text"], normalize=True)
-        self._eval_feats.append((v.float(), t.float(), torch.as_tensor(batch["index"], device=v.device)))
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """Normalised features of preprocessed images (a small set every rank encodes whole)."""
-        return torch.cat([self.model.encode_image(images[i:i + chunk].to(self.device), normalize=True).float()
-                          for i in range(0, len(images), chunk)])
-
-    def _eval_end(self, split: str, prefix: str) -> None:
-        v, t, index = (torch.cat([f[i] for f in self._eval_feats]) for i in range(3))
-        self._eval_feats.clear()
-        if self.has_trainer and self.trainer.world_size > 1:
-            # Evaluation sets are small: score them whole on every rank. The distributed sampler interleaves
-            # ranks and pads with repeats: back to dataset order, each sample once.
-            v, t, index = (self.all_gather(x).flatten(0, 1) for x in (v, t, index))
-            order = torch.argsort(index, stable=True)
-            first = torch.ones_like(order, dtype=torch.bool)
-            first[1:] = index[order][1:] != index[order][:-1]
-            v, t = v[order[first]], t[order[first]]
-        if not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
-            raise DivergedError(f"the model's {split} features are not finite (a diverged model, at stage "
-                                f"{self.stage_name!r}: lower {stages.lr_key(self.stage_name)} if it trained it); it is "
-                                "not evaluated")
-        if split == "val":
-            self.last_val_features = (v, t)
-        metrics = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
-        zs_v, labels = v, self.eval_labels.get(split)
-        if self.zeroshot_set is not None:
-            zs_v, labels = self.encode_images(self.zeroshot_set[0]), self.zeroshot_set[1]
-        if labels is not None and len(labels) == len(zs_v) and self.classnames:
-            clf = zero_shot_classifier(self.model, self.tokenizer, self.classnames, ZS_TEMPLATES, self.device)
-            zs = zero_shot_accuracy(zs_v, labels.to(zs_v.device), clf, topk=(1,))
-            metrics["zeroshot_top1"] = zs["top1"]
-        if split == "test":
-            for style, sets in self.shift_sets.items():
-                metrics.update({f"{style}/{k}": val for k, val in self.shift_metrics(sets).items()})
-        for k, val in metrics.items():  # float64: trainer.test/validate return them unrounded to run.py
-            self.log(f"{prefix}/{k}", torch.tensor(float(val), dtype=torch.float64), prog_bar=k.endswith("rsum"),
-                     sync_dist=False)
-
-    @torch.no_grad()
-    def shift_metrics(self, sets: dict[str, Any], chunk: int = 256) -> dict[str, float]:
-        """Retrieval (rSum, R@1 both ways) on a style's test pairs and zero-shot top-1 over its class names (a
-        small set every rank scores whole)."""
-        v = self.encode_images(sets["images"], chunk)
-        t = torch.cat([self.model.encode_text(sets["texts"][i:i + chunk].to(self.device), normalize=True).float()
-                       for i in range(0, len(sets["texts"]), chunk)])
-        r = retrieval_metrics(v, t, torch.arange(len(t), device=t.device))
-        out = {"rsum": r["rsum"], "i2t_R@1": r["i2t_R@1"], "t2i_R@1": r["t2i_R@1"]}
-        clf = zero_shot_classifier(self.model, self.tokenizer, sets["classnames"], ZS_TEMPLATES, self.device)
-        zs_v = self.encode_images(sets["zs_images"], chunk)
-        out["zeroshot_top1"] = zero_shot_accuracy(zs_v, sets["zs_labels"].to(zs_v.device), clf, topk=(1,))["top1"]
-        return out
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_feats.clear()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val", "val")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_feats.clear()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test", self.test_prefix)

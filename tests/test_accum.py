@@ -52,7 +52,7 @@ def _grads(module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("objective", list(CASES))
 def test_k_micro_batches_give_the_loss_and_gradients_of_one_batch_of_their_concatenation(make_cfg, objective):
-    """float64: one step on a batch of K x MICRO pairs against ``accumulated_backward`` of its K slices
+    """float64: one step on a batch of K x MICRO pairs against ``accum.accumulated_backward`` of its K slices
     (encoded without gradients, the loss on the cached features, each slice encoded again and
     back-propagated). The caption perturbation of the negated path is on: drawn once per micro-batch and
     reused by its second encoding, it gives the same captions as the one batch."""
@@ -85,7 +85,7 @@ def test_k_micro_batches_give_the_loss_and_gradients_of_one_batch_of_their_conca
     for i in range(K):
         micro = _slice(batch, i * MICRO, (i + 1) * MICRO)
         group.append((micro, accum.encode_without_grad(module.encode_train, module.train_inputs(micro), module.device)))
-    got_loss = module.accumulated_backward(group, backward)
+    got_loss = accum.accumulated_backward(module, group, backward)
     got = _grads(module)
 
     assert backward_calls == [False] * (K - 1) + [True]  # gradients synced across processes once, at the end

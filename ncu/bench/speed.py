@@ -171,7 +171,7 @@ def speed_setup(model_name: str, batch_size: int, device: torch.device, precisio
                         part = {k: x[i * size:(i + 1) * size] for k, x in batch.items()}
                         group.append((part, accum.encode_without_grad(module.encode_train, module.train_inputs(part),
                                                                       device)))
-                    loss = module.accumulated_backward(group, lambda surrogate, last: surrogate.backward())
+                    loss = accum.accumulated_backward(module, group, lambda surrogate, last: surrogate.backward())
             opt.step()
             module.on_train_batch_end(loss, batch, 0)
 
