@@ -26,6 +26,7 @@ OPEN_SECTIONS = (
     "logger.**",
     "callbacks.**",
     "benchmark.tasks.**",  # evaluate.py: a new task, or a task's own settings
+    "train_eval.tasks.**",  # train.py: a task scored during training
     "method.stages.*",  # a new stage
     *(f"method.stages.*.{key}" for key in STAGE_SETTINGS),  # the stage settings the code reads
     "method.stages.*.groups.**",  # extra optimizer groups: {name: {params, lr, weight_decay}}

@@ -15,7 +15,7 @@ from ncu.files import atomic_path
 log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 # Keys that change how a run executes or reports, not its numbers: a resume may change them.
-FREE_KEYS = ("resume", "checkpoint", "logger", "paths", "hydra", "callbacks", "print_table", "task_name", "experiment_name",
+FREE_KEYS = ("resume", "checkpoint", "train_eval", "logger", "paths", "hydra", "callbacks", "print_table", "task_name", "experiment_name",
              "tags", "trust_checkpoints", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator",
              "trainer.default_root_dir",
              "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.enable_model_summary",

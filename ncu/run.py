@@ -23,6 +23,7 @@ from ncu.config import ConfigError, plan_stages, validate
 from ncu.errors import CheckpointError, DivergedError, StorageError
 from ncu.data.datamodule import PairDataModule
 from ncu.data.stats import DataStatsCallback
+from ncu.eval.during_training import TrainingTasks, training_tasks
 from ncu.files import atomic_path, storage_error
 from ncu.lit_module import CLIPUnlearner
 from ncu.loggers import build_loggers, finish_wandb, set_stage_start
@@ -56,7 +57,7 @@ def build(cfg: DictConfig) -> tuple[factory.ModelBundle, PairDataModule, CLIPUnl
 
 
 def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Path, index: int, name: str,
-                  step_offset: int) -> L.Trainer:
+                  step_offset: int, extra: tuple[L.Callback, ...] = ()) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     # last.ckpt after every epoch (and every checkpoint.every_n_steps steps), for resume=auto inside a stage.
@@ -73,6 +74,7 @@ def build_trainer(cfg: DictConfig, stage: dict, loggers: list[Any], run_dir: Pat
                                          mode="max", save_top_k=1, save_weights_only=True,
                                          enable_version_counter=False, auto_insert_metric_name=False))
     callbacks.append(DataStatsCallback())
+    callbacks += list(extra)
     if loggers:
         callbacks += [LearningRateMonitor(logging_interval="step"), DashboardImages()]
     if cfg.trainer.get("enable_progress_bar", True):
@@ -186,6 +188,7 @@ class Run:
     progress: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     trainer: L.Trainer | None = None
+    callbacks: tuple[L.Callback, ...] = ()  # every stage's besides the checkpoints (the tasks of train_eval)
 
     @property
     def step(self) -> int:
@@ -204,6 +207,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     (the README's "What a run does")."""
     single_log_stream()
     validate(cfg)
+    tasks = training_tasks(cfg)  # their paths and tables checked before anything is built
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = resume.start(cfg, run_dir)  # refuses a resume into a folder made by another config
@@ -213,6 +217,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run = Run(cfg, run_dir, dm, module, build_loggers(cfg), plan_stages(cfg),
               {"step": 0, "fit_metrics": {}, **progress})
     run.metrics = {**record_data(run), **progress["metrics"]}
+    if tasks:
+        run.callbacks = (TrainingTasks(tasks, cfg.train_eval.every_n_epochs, dm.preprocess_val,
+                                       run_dir / "train_eval", cfg),)
     try:
         n_done = finished_stages(run)
         for index, (name, stage) in enumerate(run.plan):
@@ -265,7 +272,7 @@ def run_stage(run: Run, index: int, name: str, stage: dict) -> None:
     L.seed_everything(stage_seed(cfg.seed, name), workers=True)
     module.set_stage(name, stage)
     module.stage_index = index
-    run.trainer = build_trainer(cfg, stage, run.loggers, run.run_dir, index, name, run.step)
+    run.trainer = build_trainer(cfg, stage, run.loggers, run.run_dir, index, name, run.step, run.callbacks)
     if index == 0 and name != "pretrain":
         run.metrics.update(entry_metrics(cfg, run.trainer, module, dm))  # the model as given
     cache = pretrain_cache_path(cfg, stage, dm.dataset_key) if name == "pretrain" else None

@@ -343,3 +343,33 @@ def test_cli_prints_one_error_line(tmp_path):
     assert lines == ["error: benchmark 'retrieval_csv' needs paths that are not set (???): pass "
                      "benchmark.tasks.retrieval.csv=<path>"]
     assert "Traceback" not in proc.stderr
+
+
+def test_tasks_of_train_eval_are_scored_during_training_as_val_metrics(toy, tmp_path):
+    """train_eval.tasks: a zero-shot image folder scored at the end of every epoch of every stage (val/<task>/*
+    in the CSV log, once per epoch), with the numbers evaluate.py gives the same model on the same task; a
+    task without a path is left out with one line, and a missing folder is refused before anything trains."""
+    import pandas as pd
+
+    from ncu.run import train
+
+    task = {"kind": "zeroshot_folder", "data": str(toy / "test"), "topk": [1]}
+    cfg = compose_cfg(["experiment=smoke", "method=clip", "logger=csv", "print_table=false", "data.shifts=[]",
+                       "pretrain.enabled=false", "method.stages.finetune.epochs=2"], tmp_path=tmp_path)
+    with open_dict(cfg):
+        cfg.train_eval.tasks = {"toy": task, "unset": {**task, "data": None}}
+    metrics, objects = train(cfg)
+    log = pd.read_csv(objects["run_dir"] / "csv" / "metrics.csv")
+    scored = log.dropna(subset=["val/toy/zeroshot_top1"])
+    assert len(scored) == 2 and not any(c.startswith("val/unset/") for c in log.columns)
+    assert all(round(v * 6 / 100, 6) == round(v * 6 / 100) for v in scored["val/toy/zeroshot_top1"])
+    ecfg = compose_cfg([f"ckpt_path={objects['run_dir'] / 'checkpoints' / 'stage0_finetune.ckpt'}",
+                        "benchmark=zeroshot_folder", f"benchmark.tasks.zeroshot.data={toy / 'test'}",
+                        "benchmark.tasks.zeroshot.topk=[1]", "print_table=false"], config_name="evaluate",
+                       tmp_path=tmp_path / "eval")
+    emetrics, _ = evaluate(ecfg)
+    assert scored["val/toy/zeroshot_top1"].iloc[-1] == pytest.approx(emetrics["eval/zeroshot/zeroshot_top1"])
+    with open_dict(cfg):
+        cfg.train_eval.tasks = {"toy": {**task, "data": str(toy / "nowhere")}}
+    with pytest.raises(FileNotFoundError, match="train_eval.tasks.toy.data"):
+        train(cfg)
