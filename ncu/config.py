@@ -220,6 +220,20 @@ def known_model_names() -> set[str] | None:
     return {p.stem for folder in [*folders, ours] for p in folder.glob("*.json")}
 
 
+def _validate_resampling(data: DictConfig, spec: Any) -> None:
+    weights = data.get("source_weights")
+    if data.get("samples_per_epoch") is not None:
+        _number(data.samples_per_epoch, "data.samples_per_epoch", low=1, integer=True)
+    if weights is None:
+        return
+    if not data.get("resampled"):
+        raise ConfigError("data.source_weights needs data.resampled=true (weighted sources are drawn with replacement)")
+    n = 1 if isinstance(spec, str) else len(spec)
+    if len(weights) != n or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        raise ConfigError(f"data.source_weights={list(weights)}: one positive weight per source of data.shards "
+                          f"(a list of {n} shard spec(s))")
+
+
 def _validate_data(cfg: DictConfig) -> None:
     data = cfg.data
     shifts = data.get("shifts") or []
@@ -257,15 +271,16 @@ def _validate_data(cfg: DictConfig) -> None:
         if not rows:
             raise ConfigError(f"data.path={path!r}: the table has a header but no data rows")
     elif cfg.data.get("source") == "wds":
-        from ncu.data.shardlist import expand_shards
+        from ncu.data.shardlist import expand_shards, is_url
 
         spec = OmegaConf.select(cfg, "data.shards", throw_on_missing=False)
         shards = expand_shards(spec) if spec else []
-        missing = [s for s in shards if not Path(s).is_file()]
+        missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]  # a URL is opened when read
         if not shards or missing:
             raise ConfigError(f"data.shards={spec!r}: {len(missing)} of {len(shards)} shards not found "
                               f"(e.g. {missing[:3]}); data=wds needs tar shards, "
                               "e.g. 'data.shards=\"/data/cc3m/{00000..00331}.tar\"'")
+        _validate_resampling(data, spec)
     batch = data.batch_size
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 2:
         raise ConfigError(f"data.batch_size={batch!r} is invalid: contrastive training needs an integer >= 2")

@@ -73,7 +73,7 @@ class CLIPUnlearner(Evaluation, L.LightningModule):
         self.solver = instantiate(self.method["solver"]) if self.method.get("solver") else None
         self.detect = NCDetectionMeter()
         # Which pairs are flagged (ncu/detectors.py): the method's detector until a stage brings its own; the
-        # per-sample detectors' memory of every training pair spans all stages (run.build sets num_train).
+        # per-sample detectors' memory of every training pair spans all stages (attach_data sets num_train).
         self.detection = dict(self.method["detection"])
         self.flagger = detectors.build(self.method["detector"], self.detection)
         self.memory = detectors.SampleMemory()
@@ -106,7 +106,7 @@ class CLIPUnlearner(Evaluation, L.LightningModule):
         """What the module reads from its data module: the training split's size (per-sample detectors keep one
         score per pair), the class names and labels of zero-shot evaluation, and the shifted styles' sets."""
         self._attached_dm = dm
-        self.memory.num_train = len(dm.datasets["train"])
+        self.memory.num_train = dm.train_rows
         self.classnames = dm.classnames
         self.eval_labels = {split: dm.category_labels(split) for split in ("val", "test")}
         if "zeroshot" in dm.datasets:  # a dedicated zero-shot task (scenes: single objects over the vocabulary)

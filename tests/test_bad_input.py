@@ -164,7 +164,7 @@ def test_a_changed_or_broken_artifact_is_refused_naming_its_folder(tmp_path, tam
 
 # ------------------------------------------------------------------------------------------------ shards
 def test_a_shard_cut_at_a_member_boundary_is_counted_and_named(tmp_path, caplog):
-    from ncu.data.wds import build_index
+    from ncu.data.shard_index import build_index
 
     members = [m for i in range(8) for m in sample_members(i, f"{i:06d}")]
     whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
@@ -185,13 +185,13 @@ def test_a_shard_cut_at_a_member_boundary_is_counted_and_named(tmp_path, caplog)
 
 
 def test_an_unreadable_index_cache_is_rebuilt(tmp_path, caplog):
-    from ncu.data.wds import build_index
+    from ncu.data.shard_index import build_index
 
     shard = write_tar(tmp_path / "s.tar", [m for i in range(4) for m in sample_members(i, f"{i:06d}")])
     cache = tmp_path / "index.npz"
     build_index([str(shard)], cache_path=cache)
     cache.write_bytes(cache.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="ncu.data.wds"):
+    with caplog.at_level(logging.WARNING, logger="ncu.data.shard_index"):
         index = build_index([str(shard)], cache_path=cache)
     assert len(index) == 4 and any("unreadable" in r.getMessage() for r in caplog.records)
 

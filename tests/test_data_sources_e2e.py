@@ -225,3 +225,20 @@ def test_cli_reports_a_missing_column_on_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "columns found: ['img', 'text']" in errors[0]
+
+
+def test_a_run_streams_resampled_pipe_shards_from_two_weighted_sources(exported, tmp_path):
+    """data=wds with pipe: URLs (what reading from object storage looks like), two sources with weights and
+    resampled shards: the run trains on samples_per_epoch pairs per epoch, with the index and noise of the
+    local shards."""
+    shards = exported["shards"]
+    sources = [f"pipe:cat {shards[0]}", "::".join(f"pipe:cat {s}" for s in shards[1:])]
+    cfg = compose_cfg(RUN + ["data=wds", f"data.shards={json.dumps(sources)}", "data.resampled=true",
+                             "data.samples_per_epoch=96", "data.source_weights=[1,3]"], tmp_path=tmp_path)
+    metrics, objects = train(cfg)
+    dm = objects["datamodule"]
+    assert len(dm.datasets["train"]) == 96 and np.isfinite(metrics["test/rsum"])
+    assert metrics["cost/finetune_samples"] == 96 // 64 * 64  # one epoch of whole batches of the 96 pairs
+    stream = dm.datasets["train"].pairs
+    assert stream.weights.tolist() == pytest.approx([1 / 4] + [3 / 4 / (len(shards) - 1)] * (len(shards) - 1))
+    assert stream.shards == [f"pipe:cat {s}" for s in shards]

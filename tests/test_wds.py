@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 import ncu.data.wds as wds
 from ncu.data.stats import throughput
 from ncu.data.noise import build_or_load, make_noise
-from ncu.data.wds import ShardPairs, build_index, expand_shards
+from ncu.data.shard_index import build_index
+from ncu.data.wds import ShardPairs, expand_shards
 
 N_SHARDS, PER_SHARD = 5, 6
 
@@ -274,3 +275,48 @@ def test_parquet_beside_a_shard_is_the_index_without_reading_the_tar(shards, mon
     assert from_tables["shard"].astype(str).tolist() == from_tars["shard"].astype(str).tolist()
     assert from_tables.attrs["stats"]["parquet_shards"] == N_SHARDS
     assert build_index(shards, use_parquet=False).attrs["stats"]["parquet_shards"] == 0
+
+
+# ------------------------------------------------------------------------------ webdataset: URLs, resampling
+def test_pipe_urls_read_the_same_pairs_and_index_as_local_files(shards, tmp_path):
+    """``pipe:cat <shard>`` (as ``pipe:aws s3 cp ... -`` or ``pipe:curl``): webdataset runs the command and reads
+    its output; the index, the noise map and the pairs are those of the local files. A failing command is
+    one unreadable shard, counted, and the epoch goes on."""
+    folder = tmp_path
+    spec = f"pipe:cat {folder}/shard-{{00000..{N_SHARDS - 1:05d}}}.tar"
+    urls = expand_shards(spec)
+    assert urls == [f"pipe:cat {s}" for s in shards]
+    local, piped = build_index(shards), build_index(urls)
+    assert piped["key"].tolist() == local["key"].tolist() and piped["caption"].tolist() == local["caption"].tolist()
+    perm = make_noise(len(local), 0.5, "caption", seed=0, derangement=True)[0]
+    got = [(it["key"], it["image_key"], it["caption"]) for it in
+           ShardPairs(urls, index=piped, shown_image=perm, shuffle_shards=False)]
+    want = [(it["key"], it["image_key"], it["caption"]) for it in
+            ShardPairs(shards, index=local, shown_image=perm, shuffle_shards=False)]
+    assert sorted(got) == sorted(want) and len(got) == len(all_keys())
+    broken = ShardPairs([urls[0], f"pipe:cat {folder}/missing.tar"], shuffle_shards=False)
+    assert len(list(broken)) == PER_SHARD and broken.bad_shards == 1
+
+
+def test_resampled_shards_give_samples_per_epoch_pairs_drawn_by_weight(shards):
+    """Resampled: each reader draws shards with replacement until its share of samples_per_epoch; the draw
+    is fixed by (seed, epoch, rank, worker) and changes with the epoch; per-shard weights set how often
+    each shard is drawn (here one shard has all the weight but a sliver)."""
+    n = 3 * PER_SHARD * N_SHARDS + 5
+    ds = ShardPairs(shards, seed=2, samples_per_epoch=n)
+    first = [it["key"] for it in ds]
+    assert len(first) == n and ds.shards_read >= 3 * N_SHARDS
+    second = [it["key"] for it in ds]
+    assert len(second) == n and second != first  # the next epoch draws again
+    again = ShardPairs(shards, seed=2, samples_per_epoch=n)
+    assert [it["key"] for it in again] == first  # the same seed and epoch: the same draw
+    # Two ranks x two workers: each reader takes ceil(n / 4) pairs.
+    per_reader = -(-n // 4)
+    for rank in (0, 1):
+        loader = DataLoader(ShardPairs(shards, seed=2, samples_per_epoch=n, rank=rank, world_size=2),
+                            batch_size=1, num_workers=2, collate_fn=keys_only)
+        assert len([k for batch in loader for k in batch]) == 2 * per_reader
+    weights = [1000.0] + [1e-9] * (N_SHARDS - 1)
+    heavy = ShardPairs(shards, seed=0, samples_per_epoch=4 * PER_SHARD, weights=weights)
+    keys = Counter(it["key"] for it in heavy)
+    assert set(keys) == set(all_keys()[:PER_SHARD]) and all(c == 4 for c in keys.values())

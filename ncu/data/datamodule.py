@@ -300,10 +300,11 @@ class PairDataModule(L.LightningDataModule):
     def _setup_shards(self) -> None:
         """Shard source: index pass (key, caption), hashed split of the keys, noise on the training keys; the
         training split streams (``ShardTrainSet``), val/test images are read once into ``PairDataset``s."""
-        from ncu.data.wds import ShardPairs, build_index, expand_shards
+        from ncu.data.shard_index import build_index
+        from ncu.data.wds import ShardPairs, shard_weights
 
         cfg = self.data_cfg
-        shards = expand_shards(cfg["shards"])
+        shards, weights = shard_weights(cfg["shards"], cfg.get("source_weights"))
         index = build_index(shards, cfg.get("index_cache"))
         self.source_stats = dict(index.attrs.get("stats", {}))
         val_frac, test_frac = self._fractions()
@@ -316,10 +317,12 @@ class PairDataModule(L.LightningDataModule):
         train = parts["train"]
         self._build_noise(index, train)
         max_side = cfg.get("max_side", 128)
+        per_epoch = (cfg.get("samples_per_epoch") or len(train)) if cfg.get("resampled") else None
         stream = ShardPairs.from_artifact(train, self.noise_artifact, transform=self.preprocess_train,
                                           tokenizer=self.tokenizer, seed=self.seed,
-                                          shuffle_buffer=cfg.get("shuffle_buffer", 0) or 0, max_side=max_side)
-        train_set = ShardTrainSet(stream, len(train), self.num_workers)
+                                          shuffle_buffer=cfg.get("shuffle_buffer", 0) or 0, max_side=max_side,
+                                          samples_per_epoch=per_epoch, weights=weights)
+        train_set = ShardTrainSet(stream, per_epoch or len(train), self.num_workers, rows=len(train))
         wanted = set(parts["val"]["key"]) | set(parts["test"]["key"])
         found = read_shard_samples(shards, wanted)
         categories: set[str] = set()
@@ -367,6 +370,13 @@ class PairDataModule(L.LightningDataModule):
         if self.pairs_per_s is not None:
             out["pairs_per_s"] = float(self.pairs_per_s)
         return out
+
+    @property
+    def train_rows(self) -> int:
+        """Distinct training pairs (the range of their sample indices; a resampled epoch may have another
+        length)."""
+        train = self.datasets["train"]
+        return train.rows if isinstance(train, ShardTrainSet) else len(train)
 
     @property
     def world_size(self) -> int:

@@ -25,7 +25,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -161,10 +161,41 @@ def export(out: str | Path, limit: int | None = None, num_shards: int = 4, fmt: 
     return result
 
 
+def stdlib_tar_samples(shard: str, read_images: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The shard reader before the webdataset library (standard-library ``tarfile``, local files only), kept
+    as the baseline the loader benchmark compares the library's reading with."""
+    import tarfile
+
+    from ncu.data.wds import IMAGE_EXTS
+
+    with tarfile.open(shard, "r|*") as tf:
+        key, parts = None, {}
+        for member in tf:
+            folder, _, base = member.name.rpartition("/")
+            dot = base.find(".")
+            if not member.isfile() or dot <= 0:
+                continue
+            k, ext = (f"{folder}/{base[:dot]}" if folder else base[:dot]), base[dot + 1:].lower()
+            if k != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = k, {}
+            if ext in IMAGE_EXTS or ext in ("txt", "json"):
+                parts[ext] = tf.extractfile(member).read() if read_images or ext not in IMAGE_EXTS else b""
+        if key is not None:
+            yield key, parts
+
+
 def bench(result: dict[str, Any], out: Path, batch_size: int = 64, n_batches: int = 20, num_workers: int = 0,
-          model: str = "tiny") -> dict[str, dict[str, float]]:
+          model: str = "tiny", repeats: int = 5) -> dict[str, dict[str, float]]:
     """Loader throughput (``loader_throughput``) of the exported CSV and shards, each read with its data
-    config (conf/data/csv.yaml, conf/data/wds.yaml), the model config's transforms and image-protocol noise."""
+    config (conf/data/csv.yaml, conf/data/wds.yaml), the model config's transforms and image-protocol noise;
+    the shards also through the standard-library reader they had before webdataset (``wds_stdlib``). The
+    sources take turns ``repeats`` times (so that machine noise hits them alike); medians are reported."""
+    import contextlib
+    import statistics
+    from unittest import mock
+
     from omegaconf import OmegaConf
 
     from ncu.config import compose_config
@@ -175,22 +206,37 @@ def bench(result: dict[str, Any], out: Path, batch_size: int = 64, n_batches: in
     sources = {"csv": [f"data.path={result['csv']}", "data.category_key=category", "data.key_key=key"]
                if "csv" in result else None,
                "wds": [f'data.shards="{result["spec"]}"'] if "spec" in result else None}
-    timings = {}
+    if sources["wds"] is not None:
+        sources["wds_stdlib"] = sources["wds"]
+
+    def reader(name: str) -> Any:
+        return (mock.patch("ncu.data.wds.iter_samples", stdlib_tar_samples) if name == "wds_stdlib"
+                else contextlib.nullcontext())
+
+    modules, setup = {}, {}
     for name, overrides in sources.items():
         if overrides is None:
             continue
-        cfg = compose_config([f"data={name}", f"model={model}", *overrides, f"data.batch_size={batch_size}",
-                              f"data.num_workers={num_workers}"])
+        cfg = compose_config([f"data={name.split('_')[0]}", f"model={model}", *overrides,
+                              f"data.batch_size={batch_size}", f"data.num_workers={num_workers}"])
         bundle = factory.create(cfg.model.name, None, aug_cfg=OmegaConf.to_container(cfg.model.get("aug") or {}))
         data = OmegaConf.to_container(cfg.data, resolve=True)
         dm = PairDataModule(data, {"protocol": "image", "rate": 0.4, "seed": 0}, batch_size=batch_size,
                             num_workers=num_workers, noise_dir=str(out / "noise"))
         dm.attach(bundle.preprocess_train, bundle.preprocess_val, bundle.tokenizer)
         t0 = time.perf_counter()
-        dm.setup()
-        setup_s = time.perf_counter() - t0
-        timings[name] = {**loader_throughput(dm, n_batches), "setup_seconds": setup_s, "skipped": float(dm.skipped)}
-    return timings
+        with reader(name):
+            dm.setup()
+        setup[name], modules[name] = time.perf_counter() - t0, dm
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in modules}
+    for _ in range(repeats):
+        for name, dm in modules.items():
+            with reader(name):
+                runs[name].append(loader_throughput(dm, n_batches))
+    return {name: {"pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs), "pairs": rs[0]["pairs"],
+                   "seconds": statistics.median(r["seconds"] for r in rs), "setup_seconds": setup[name],
+                   "skipped": float(modules[name].skipped), "repeats": float(len(rs))}
+            for name, rs in runs.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -206,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=20, help="--bench: batches to time")
     p.add_argument("--num-workers", type=int, default=0, help="--bench: loader workers")
     p.add_argument("--model", default="tiny", help="--bench: model config whose transforms are used")
+    p.add_argument("--repeats", type=int, default=5, help="--bench: rounds, the sources taking turns (medians)")
     args = p.parse_args(argv)
     result = export(args.out, args.limit, args.shards, args.format, args.corrupt, args.skin_tones)
     print(f"{result['samples']} samples ({len(result['corrupt_keys'])} corrupt)")
@@ -217,8 +264,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  python train.py data=wds 'data.shards=\"{result['spec']}\"'")
     if args.bench:
         for name, r in bench(result, Path(args.out).resolve(), args.batch_size, args.batches,
-                             args.num_workers, args.model).items():
-            print(f"bench {name}: {r['pairs_per_s']:.1f} pairs/s ({int(r['pairs'])} pairs in {r['seconds']:.2f} s, "
+                             args.num_workers, args.model, args.repeats).items():
+            print(f"bench {name}: {r['pairs_per_s']:.1f} pairs/s, median of {int(r['repeats'])} ({int(r['pairs'])} "
+                  f"pairs in {r['seconds']:.2f} s, "
                   f"batch {args.batch_size}, {args.num_workers} workers); setup {r['setup_seconds']:.2f} s, "
                   f"skipped {int(r['skipped'])}")
 

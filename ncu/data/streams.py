@@ -12,14 +12,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 class ShardTrainSet(IterableDataset):
     """The training stream of a shard source: a ``ShardPairs`` over the training keys (noise applied), with
 
-    - ``len()``: the number of training pairs (all ranks), as ``len(PairDataset)``;
+    - ``len()``: the pairs of one epoch (all ranks): the training pairs, as ``len(PairDataset)``, or a resampled
+      stream's ``samples_per_epoch``; ``rows``: the training pairs (the index rows sample indices point to);
     - ``skipped`` / ``streamed``: undecodable images and pairs read in the current pass, summed over the
       loader workers. Each worker writes its counts into a shared-memory tensor (one row per worker)
       because a worker's own copy of the dataset is invisible to the main process.
     """
 
-    def __init__(self, pairs: Any, num_pairs: int, num_workers: int = 0):
+    def __init__(self, pairs: Any, num_pairs: int, num_workers: int = 0, rows: int | None = None):
         self.pairs, self.num_pairs = pairs, int(num_pairs)
+        self.rows = self.num_pairs if rows is None else int(rows)
         self.counters = torch.zeros(max(1, num_workers), 2, dtype=torch.long).share_memory_()
 
     # attach() sets the model's transform and tokenizer on every split's dataset.

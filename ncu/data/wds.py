@@ -1,4 +1,5 @@
-"""WebDataset tar shards (CC3M/CC12M as written by img2dataset), read with the standard library only.
+"""WebDataset tar shards (CC3M/CC12M as written by img2dataset), read through the ``webdataset`` library: local
+files, ``pipe:`` commands and URLs, brace lists.
 
 A sample is the group of consecutive tar members sharing a key: ``{key}.jpg|.jpeg|.png|.webp`` plus a caption
 in ``{key}.txt`` or in ``{key}.json`` under ``"caption"`` (or ``"text"``). The key is the member path up to
@@ -15,85 +16,79 @@ the index, so a caption can travel to an image in another shard, on another rank
 an image fails to decode, the captions assigned to it are lost for the epoch (counted in ``skipped``), while
 its own caption, shown elsewhere, is still used.
 
-Memory of the index (``build_index`` output: key and caption as Python strings, shard categorical),
-measured with ``pandas.DataFrame.memory_usage(deep=True)`` on a synthetic 100k-row frame (9-digit keys,
-1,000-row shards; pandas 3.1, CPython 3.11, no pyarrow): 124 bytes per row plus one byte per caption
-character (ASCII; CPython stores other text at 2 or 4 bytes per character). For 12M pairs with captions of
-100 characters on average this is 12e6 x 224 B ~ 2.7 GB; for 3.3M CC3M-style captions of 55 characters,
-3.3e6 x 179 B ~ 0.6 GB. ``ShardPairs`` with a noise map adds four int64 arrays (32 B per row, ~0.4 GB for
-12M) and two object-pointer arrays (16 B per row). Every DataLoader worker holds a copy-on-write copy, and
-Python reference counts touch its pages, so resident memory grows towards workers x index size over an
-epoch: keep the worker count modest.
+The index pass (``build_index``) lives in ``ncu/data/shard_index.py``.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import tarfile
 import time
-import zipfile
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import tariterators as wds_tar
 
 from ncu.data.images import load_image
-from ncu.data.shardlist import expand_shards
+from ncu.data.shardlist import expand_shards, is_url
 from ncu.data.sources import clean_caption
-from ncu.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text")
-_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+# A truncated or unreadable tar, a failed pipe: command (webdataset raises OSError on its exit status), a
+# duplicated member name (ValueError).
+_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 
 
 # ---------------------------------------------------------------------------------------- tar members
-def split_member(name: str) -> tuple[str, str] | None:
-    """``(key, extension)`` of a tar member: the key ends at the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    dot = base.find(".")
-    if dot <= 0:
-        return None
-    return (f"{folder}/{base[:dot]}" if folder else base[:dot]), base[dot + 1:].lower()
+def _has_end_marker(path: str) -> bool:
+    """A local uncompressed tar ends with two zero blocks (every tar writer adds them). The tar reader takes
+    the end of the file for the end of the archive, so a tar cut at a member boundary would read as a
+    complete, shorter shard; compressed tars fail on their own checksums."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+        if head[:2] in (b"\x1f\x8b", b"BZ") or head == b"\xfd7zXZ\x00":
+            return True
+        size = os.path.getsize(path)
+        if size < 1024 or size % tarfile.BLOCKSIZE:
+            return False
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+def _wanted_member(name: str) -> bool:
+    return name.rpartition(".")[2].lower() in (*IMAGE_EXTS, "txt", "json")
+
+
+def _checked_end(files: Iterator[dict[str, Any]], shard: str) -> Iterator[dict[str, Any]]:
+    yield from files
+    if not is_url(shard) and not _has_end_marker(shard):
+        # raised before the grouping yields the last sample, which may have lost members to the cut
+        raise tarfile.ReadError("no end-of-archive marker: the file is truncated")
 
 
 def iter_samples(shard: str, read_images: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream ``(key, {extension: bytes})`` from a tar shard without extracting it.
-
-    With ``read_images=False`` image members are only noted (empty bytes): the index pass skips their data.
+    """Stream ``(key, {extension: bytes})`` from a shard through the ``webdataset`` library: a local tar, or
+    any URL it opens (``pipe:aws s3 cp s3://bucket/00000.tar -``, ``pipe:curl -s https://.../00000.tar``).
+    The members of a sample are consecutive and share the key (the name up to the first dot of the file
+    name; extensions lower-cased). With ``read_images=False`` image members are kept as empty bytes.
     """
-    with tarfile.open(shard, "r|*") as tf:
-        plain = tf.fileobj.comptype == "tar"  # uncompressed: the end-of-archive check below
-        key, parts = None, {}
-        for member in tf:
-            if not member.isfile():
-                continue
-            split = split_member(member.name)
-            if split is None:
-                continue
-            k, ext = split
-            if k != key:
-                if key is not None:
-                    yield key, parts
-                key, parts = k, {}
-            if ext in IMAGE_EXTS:
-                parts[ext] = tf.extractfile(member).read() if read_images else b""
-            elif ext in ("txt", "json"):
-                parts[ext] = tf.extractfile(member).read()
-        if plain and os.path.getsize(shard) < tf.offset + 2 * tarfile.BLOCKSIZE:
-            # tarfile takes end of file for the end of the archive; a tar cut at a member boundary would
-            # read as a shorter shard. Every tar writer ends the archive with two zero blocks.
-            raise tarfile.ReadError("no end-of-archive marker: the file is truncated")
-        if key is not None:
-            yield key, parts
-
+    opened = wds_tar.url_opener([{"url": shard}])
+    files = wds_tar.tar_file_expander(opened, select_files=_wanted_member, eof_value=None)
+    for sample in wds_tar.group_by_keys(_checked_end(files, shard)):
+        parts = {ext: (data if read_images or ext not in IMAGE_EXTS else b"")
+                 for ext, data in sample.items() if not ext.startswith("__")}
+        yield sample["__key__"], parts
 
 
 def samples_until_broken(shard: str, read_images: bool = True,
@@ -147,141 +142,22 @@ def sample_image(parts: Mapping[str, bytes]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- index
-def _pack(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 blob + offsets: compact, and loads without pickle (fixed-width unicode arrays would not be)."""
-    encoded = [s.encode("utf-8") for s in strings]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
-
-
-def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    raw = blob.tobytes()
-    return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-
-
-def _shard_sizes(shards: Sequence[str]) -> np.ndarray:
-    return np.asarray([os.path.getsize(s) for s in shards], dtype=np.int64)
-
-
-def _frame(keys: list[str], shard_ids: np.ndarray, shards: list[str], captions: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "key": pd.Series(keys, dtype="str"),
-        "shard": pd.Categorical.from_codes(shard_ids, categories=pd.Index(shards, dtype="str")),
-        "caption": pd.Series(captions, dtype="str"),
-    })
-
-
-def save_index(index: pd.DataFrame, path: str | os.PathLike) -> None:
-    shards = [str(s) for s in index["shard"].cat.categories]
-    kb, ko = _pack(index["key"].tolist())
-    cb, co = _pack(index["caption"].tolist())
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an interrupted save never leaves a half cache
-        np.savez(f, keys=kb, key_offsets=ko, captions=cb, caption_offsets=co,
-                 shard_id=index["shard"].cat.codes.to_numpy().astype(np.int32),
-                 shards=np.asarray(json.dumps(shards)), shard_sizes=_shard_sizes(shards),
-                 stats=np.asarray(json.dumps(index.attrs.get("stats", {}))))
-
-
-def load_index(path: str | os.PathLike, shards: Sequence[str] | None = None) -> pd.DataFrame | None:
-    """The cached index, or None when ``shards`` (list or sizes) differ from those it was built from."""
-    try:
-        z = np.load(path, allow_pickle=False)
-        cached = json.loads(str(z["shards"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        log.warning("index cache %s is unreadable (%s): rebuilding it", path, type(e).__name__)
-        return None
-    with z:
-        if shards is not None and (list(shards) != cached or not np.array_equal(_shard_sizes(cached),
-                                                                                 z["shard_sizes"])):
-            return None
-        index = _frame(_unpack(z["keys"], z["key_offsets"]), z["shard_id"], cached,
-                       _unpack(z["captions"], z["caption_offsets"]))
-        index.attrs["stats"] = json.loads(str(z["stats"])) if "stats" in z.files else {}
-        return index
-
-
-def read_parquet_index(shard: str) -> list[tuple[str, Any]] | None:
-    """``[(key, caption)]`` of the samples img2dataset saved in ``shard`` (its ``<shard>.parquet``: rows with
-    ``status == "success"``), or None when there is no such table or it lacks the columns."""
-    path = os.path.splitext(shard)[0] + ".parquet"
-    if not os.path.exists(path):
-        return None
-    try:
-        table = pd.read_parquet(path)
-    except Exception as e:  # noqa: BLE001 - any reader error: fall back to the tar pass
-        log.warning("%s unreadable (%s): indexing %s from the tar", path, type(e).__name__, shard)
-        return None
-    if "key" not in table.columns or "caption" not in table.columns:
-        return None
-    if "status" in table.columns:
-        table = table[table["status"] == "success"]
-    return list(zip(table["key"].astype(str), table["caption"]))
-
-
-def _index_entries(shard: str, stats: dict[str, int],
-                   use_parquet: bool) -> Iterator[tuple[str, str | None, bool]]:
-    """``(key, cleaned caption or None, has an image)`` of each sample of ``shard``: from img2dataset's table
-    beside it when there is one (no pass over the tar), else from its tar members."""
-    table = read_parquet_index(shard) if use_parquet else None
-    if table is not None:
-        stats["parquet_shards"] += 1
-        for key, caption in table:
-            yield key, clean_caption(caption)[0], True
-        return
-
-    def bad_shard(_: Exception) -> None:
-        stats["bad_shards"] += 1
-
-    for key, parts in samples_until_broken(shard, read_images=False, on_error=bad_shard):
-        yield key, sample_caption(parts), sample_image(parts) is not None
-
-
-def build_index(shards: str | Sequence[str], cache_path: str | os.PathLike | None = None,
-                use_parquet: bool = True) -> pd.DataFrame:
-    """DataFrame[key, shard, caption] of the samples that have an image member and a non-empty caption, in
-    shard order. A shard with img2dataset's ``.parquet`` beside it is read from that table (its successful
-    rows; ``use_parquet=False`` ignores it); any other is read in one streaming pass over its tar members,
-    image data not decoded (a corrupt image is found only when ``ShardPairs`` reads it). ``cache_path``
-    (``.npz``): loaded when it was built from the same shard list and shard sizes, else (re)built and saved.
-    Counts are in ``index.attrs["stats"]`` (``parquet_shards``: shards indexed from their table).
-    """
-    shards = expand_shards(shards)
-    if len(set(shards)) != len(shards):
-        raise ValueError("the shard list names a shard twice: its samples would be indexed twice")
-    if cache_path is not None and os.path.exists(cache_path):
-        index = load_index(cache_path, shards)
-        if index is not None:
-            log.info("index %s: %d samples from %d shards (cached)", cache_path, len(index), len(shards))
-            return index
-        log.info("index cache %s is stale (shard list or sizes changed): rebuilding", cache_path)
-    keys: list[str] = []
-    captions: list[str] = []
-    shard_ids: list[int] = []
-    stats = {"samples": 0, "no_image": 0, "no_caption": 0, "bad_shards": 0, "parquet_shards": 0}
-    for sid, shard in enumerate(shards):
-        for key, caption, has_image in _index_entries(shard, stats, use_parquet):
-            stats["samples"] += 1
-            if not has_image:
-                stats["no_image"] += 1
-            elif caption is None:
-                stats["no_caption"] += 1
-            else:
-                keys.append(key)
-                captions.append(caption)
-                shard_ids.append(sid)
-    index = _frame(keys, np.asarray(shard_ids, dtype=np.int32), shards, captions)
-    dup = index["key"][index["key"].duplicated()]
-    if len(dup):
-        raise ValueError(f"{len(dup)} duplicated sample keys across/within shards, "
-                         f"e.g. {dup.head(3).tolist()}; keys must be unique and the members of a sample "
-                         "consecutive in its tar")
-    if stats["no_image"] or stats["no_caption"] or stats["bad_shards"]:
-        log.warning("index: %s", stats)
-    index.attrs["stats"] = stats
-    if cache_path is not None:
-        save_index(index, cache_path)
-    return index
+def shard_weights(spec: str | Sequence[str], source_weights: Sequence[float] | None
+                  ) -> tuple[list[str], list[float] | None]:
+    """The shards of ``spec`` and, with ``source_weights`` (one per item of a list ``spec``: a source), each
+    shard's draw weight: its source's weight spread evenly over the source's shards."""
+    if source_weights is None:
+        return expand_shards(spec), None
+    sources = [spec] if isinstance(spec, str) else list(spec)
+    if len(sources) != len(source_weights):
+        raise ValueError(f"{len(source_weights)} source weights for {len(sources)} shard sources")
+    shards: list[str] = []
+    weights: list[float] = []
+    for source, weight in zip(sources, source_weights):
+        these = expand_shards(source)
+        shards += these
+        weights += [float(weight) / len(these)] * len(these)
+    return shards, weights
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -310,6 +186,12 @@ class ShardPairs(IterableDataset):
     through ``__iter__``, so persistent workers (whose copies never see ``set_epoch``) still reshuffle;
     non-persistent workers get a fresh copy each epoch: call ``set_epoch`` then.
 
+    Resampled (``samples_per_epoch`` set, for object storage and mixtures): each (rank, worker) draws shards
+    with replacement (``weights``: per-shard probabilities, e.g. a source's weight spread over its shards),
+    seeded by ``(seed, epoch, rank, worker)``, and stops after its share ``ceil(samples_per_epoch / (ranks x
+    workers))`` of pairs, inside a shard if need be. A sample may then be read twice in an epoch or not at all;
+    the noise map still applies per image key.
+
     Counters of the iterating copy (main process with ``num_workers=0``, else logged by each worker at the
     end of its pass): ``pairs``, ``skipped`` (undecodable images), ``bad_shards``, ``unindexed`` (keys absent
     from the index), ``no_caption``, ``no_image``, and the throughput ``pairs_per_s``.
@@ -328,6 +210,8 @@ class ShardPairs(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         max_side: int | None = None,
+        samples_per_epoch: int | None = None,
+        weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if shards is None:
@@ -338,6 +222,11 @@ class ShardPairs(IterableDataset):
         self.transform, self.tokenizer, self.max_side = transform, tokenizer, max_side
         self.seed, self.shuffle_shards, self.shuffle_buffer = seed, shuffle_shards, shuffle_buffer
         self.rank, self.world_size = rank, world_size
+        # Resampled (samples_per_epoch set): shards drawn with replacement, with these per-shard weights.
+        self.samples_per_epoch = samples_per_epoch
+        if weights is not None and len(weights) != len(self.shards):
+            raise ValueError(f"{len(weights)} shard weights for {len(self.shards)} shards")
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.epoch = 0
         self.index = index
         self._noise = shown_image is not None
@@ -389,6 +278,7 @@ class ShardPairs(IterableDataset):
 
     def _reset_counters(self) -> None:
         self.pairs = self.skipped = self.bad_shards = self.unindexed = self.no_caption = self.no_image = 0
+        self.shards_read = 0
         self._t0: float | None = None
         self._t1: float | None = None
 
@@ -412,19 +302,31 @@ class ShardPairs(IterableDataset):
             order = [order[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         return order[rank * num_workers + worker:: world_size * num_workers]
 
+    def resampled_shards(self, epoch: int, rank: int, worker: int) -> Iterator[str]:
+        """The endless draw, with replacement and ``weights``, of one (rank, worker)'s shards in ``epoch`` (as
+        webdataset's ResampledShards, seeded by the run seed, epoch, rank and worker)."""
+        rng = np.random.default_rng([self.seed, epoch, rank, worker])
+        while True:
+            yield self.shards[int(rng.choice(len(self.shards), p=self.weights))]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size = _world(self.rank, self.world_size)
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
         self.epoch += 1
-        if len(self.shards) < world_size * num_workers and worker == 0 and rank == 0:
-            log.warning("%d shards for %d ranks x %d workers: some readers get no shard", len(self.shards),
-                        world_size, num_workers)
-        mine = self.shards_for(epoch, rank, world_size, worker, num_workers)
         self._reset_counters()
         self._t0 = time.perf_counter()
-        raw = self._raw_pairs(mine)
+        if self.samples_per_epoch is not None:  # resampled: this reader's share of the epoch's pairs
+            share = math.ceil(self.samples_per_epoch / (world_size * num_workers))
+            mine: Any = self.resampled_shards(epoch, rank, worker)
+            raw = itertools.islice(self._raw_pairs(mine), share)
+        else:
+            if len(self.shards) < world_size * num_workers and worker == 0 and rank == 0:
+                log.warning("%d shards for %d ranks x %d workers: some readers get no shard", len(self.shards),
+                            world_size, num_workers)
+            mine = self.shards_for(epoch, rank, world_size, worker, num_workers)
+            raw = self._raw_pairs(mine)
         if self.shuffle_buffer > 1:
             raw = self._buffered(raw, np.random.default_rng([self.seed, epoch, rank, worker]))
         for image, caption, row, image_key in raw:
@@ -432,7 +334,7 @@ class ShardPairs(IterableDataset):
         self._t1 = time.perf_counter()
         log.info("rank %d worker %d epoch %d: %d pairs from %d shards in %.1fs (%.1f pairs/s), "
                  "%d undecodable images skipped, %d unreadable shards", rank, worker, epoch, self.pairs,
-                 len(mine), self.elapsed, self.pairs_per_s, self.skipped, self.bad_shards)
+                 self.shards_read, self.elapsed, self.pairs_per_s, self.skipped, self.bad_shards)
 
     def _buffered(self, raw: Iterator[tuple], rng: np.random.Generator) -> Iterator[tuple]:
         buf: list[tuple] = []
@@ -449,9 +351,10 @@ class ShardPairs(IterableDataset):
     def _count_bad_shard(self, _: Exception) -> None:
         self.bad_shards += 1
 
-    def _raw_pairs(self, shards: list[str]) -> Iterator[tuple[Any, str, int, str]]:
+    def _raw_pairs(self, shards: Iterable[str]) -> Iterator[tuple[Any, str, int, str]]:
         """(decoded image, caption, caption row or -1, key of the image) before transform."""
         for shard in shards:
+            self.shards_read += 1
             local = {self._keys[r]: int(r) for r in self._rows_of[shard]} if self._noise else None
             for key, parts in samples_until_broken(shard, on_error=self._count_bad_shard):
                 if self._noise:
