@@ -48,7 +48,7 @@ def test_nothing_is_flagged_during_the_warm_up():
 
     bundle = create("ncu-micro", None)
     method = dict(compose_cfg(["method=clip"]).method)
-    module = CLIPUnlearner(bundle.model, bundle.tokenizer, method, {"lr": 1e-3}, config={"seed": 0})
+    module = CLIPUnlearner(bundle.model, bundle.tokenizer, method, {"lr": 1e-3, "accum_freq": 1}, config={"seed": 0})
     scores, noisy = torch.rand(8), torch.tensor([1, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
     stage = dict(plan_stages(compose_cfg(["pretrain=robust"])))["pretrain"]
     module.set_stage("pretrain", {**stage, "objective": "filter", "detector": "oracle", "flag_after": 1})

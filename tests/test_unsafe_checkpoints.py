@@ -63,7 +63,7 @@ def test_unsafe_payload_in_the_pretraining_cache_is_not_run_and_pretraining_runs
     cache = write_payload_checkpoint(tmp_path / "data" / "pretrained" / "key.ckpt", marker)
     bundle = factory.create("ncu-micro")
     method = dict(compose_cfg(["method=clip"]).method)
-    module = CLIPUnlearner(bundle.model, bundle.tokenizer, method, {}, config={"model": {"name": "ncu-micro"},
+    module = CLIPUnlearner(bundle.model, bundle.tokenizer, method, {"accum_freq": 1}, config={"model": {"name": "ncu-micro"},
                                                                             "seed": 0})
     assert load_cached_pretrain(module, cache) is False
     assert "pre-training cache unusable" in caplog.text and "trust_checkpoints" in caplog.text
