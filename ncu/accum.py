@@ -142,7 +142,7 @@ def accumulated_backward(module: Any, group: list[tuple[dict, MicroBatch]], back
 
 def module_backward(module: Any, surrogate: torch.Tensor, last: bool) -> None:
     """Gradients of one micro-batch; under DDP the processes sum them on the last one only."""
-    ddp = module.trainer.strategy.model if module.trainer.world_size > 1 else None
+    ddp = module.trainer.strategy.model if module.world_size > 1 else None
     if last or not hasattr(ddp, "no_sync"):
         module.manual_backward(surrogate)
     else:

@@ -167,9 +167,11 @@ def _warn_empty_quota(cfg: DictConfig, plan: list[tuple[str, dict]]) -> None:
         return
     acting = [name for name, stage in plan if stage["objective"] in objectives.flag_objectives()]
     ratio, batch = method.nc_ratio, cfg.data.batch_size * cfg.optim.accum_freq  # the batch the quota sees
+    size = f"data.batch_size={cfg.data.batch_size}" + (
+        f" x optim.accum_freq={cfg.optim.accum_freq}" if cfg.optim.accum_freq > 1 else "")
     k = int(ratio * batch) if method.nc_count == "truncate" else math.floor(ratio * batch + 1e-9)
     if acting and k == 0:
-        _warn_once(f"method.nc_ratio={ratio:g} with data.batch_size={batch} flags k = floor({ratio:g} x {batch}) = "
+        _warn_once(f"method.nc_ratio={ratio:g} with {size} flags k = floor({ratio:g} x {batch}) = "
                    f"0 pairs per batch: stages {', '.join(acting)} flag nothing")
 
 

@@ -197,7 +197,7 @@ class CLIPUnlearner(Evaluation, L.LightningModule):
     # ----- features ---------------------------------------------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The global batch: all ranks' rows, with gradients flowing back to each rank's own rows."""
-        if not self.has_trainer or self.trainer.world_size == 1:
+        if self.world_size == 1:
             return x
         return self.all_gather(x, sync_grads=x.requires_grad).flatten(0, 1)
 
@@ -277,7 +277,7 @@ class CLIPUnlearner(Evaluation, L.LightningModule):
             return None
         start, was = time.perf_counter(), self.training
         self.eval()
-        world, rank = (self.trainer.world_size, self.global_rank) if self.has_trainer else (1, 0)
+        world, rank = self.world_size, self.global_rank
         total = torch.zeros(self.memory.num_train, dtype=torch.float64, device=self.device)
         count = torch.zeros(self.memory.num_train, dtype=torch.float64, device=self.device)
         for batch, scores in self._scored_batches(loader, lambda i: i % world == rank):
@@ -381,8 +381,7 @@ class CLIPUnlearner(Evaluation, L.LightningModule):
         flagged, detection_scores = self.flag(scores, noisy, index)
         self.detect.update(detection_scores, noisy, flagged)
         tn = self.gather(local["tn"]) if "tn" in local else None
-        world = self.world_size
-        features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, world)
+        features = objectives.Batch(v, t, s, flagged, tn, v_local, t_local, self.global_rank, self.world_size)
         loss, parts = self.objective.loss(features, **self.objective_options)
         self.last_step = (objectives.Batch(v.detach(), t.detach(), s.detach(), flagged,
                                            tn.detach() if tn is not None else None), scores.detach(), noisy)
